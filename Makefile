@@ -1,0 +1,35 @@
+# gpsr: set-up, tests and the demo. Every target creates .venv when needed.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+export PYTHONHASHSEED := 0
+export WANDB_SILENT := true
+
+.PHONY: install test test-fast lint demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## The whole suite CI runs: fast tests plus the slow ones (DDP, resume, sweeps, CLI).
+test: install
+	$(PY) -m pytest -q tests
+
+## Fast iteration: everything but the tests marked slow.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	.venv/bin/ruff check gpsr tests
+	.venv/bin/ruff format --check gpsr tests
+
+## Train both stages on the bundled photos, evaluate, sweep NFEs and write the report (CPU).
+demo: install
+	bash scripts/demo.sh
+
+clean:
+	rm -rf outputs multirun demo .pytest_cache
