@@ -1,0 +1,166 @@
+"""The degradation flow: a learned bijection x <-> (coarse, latent) (SPEC §3, Algorithm 1).
+
+`f` is one Haar level followed by `num_blocks` affine coupling blocks at half resolution.
+Its coarse output is trained to equal `U_k(D_s(x))`, so `D_theta(x) = avgpool_k(coarse)` is a
+learned degradation and `G(y, z) = f^-1(U_k(y), z)` a reflexive generalised inverse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gpsr import ops
+
+__all__ = ["DenseBlock", "CouplingBlock", "DegradationFlow", "soft_clamp"]
+
+
+def soft_clamp(s: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """`(2/pi) * alpha * atan(s / alpha)`: any shape, values mapped into (-alpha, alpha)."""
+    return (2.0 * alpha / math.pi) * torch.atan(s / alpha)
+
+
+class DenseBlock(nn.Module):
+    """Dense convolutional subnet: (N, c_in, h, w) -> (N, c_out, h, w), unbounded output.
+
+    `num_convs - 1` 3x3 convs of `growth` channels, each followed by LeakyReLU(0.2) and
+    concatenated to its input, then a zero-initialised 3x3 output conv (so the coupling
+    starts as the identity).
+    """
+
+    def __init__(self, c_in: int, c_out: int, num_convs: int, growth: int):
+        super().__init__()
+        if num_convs < 1:
+            raise ValueError(f"num_convs must be >= 1, got {num_convs}")
+        self.hidden = nn.ModuleList(
+            nn.Conv2d(c_in + i * growth, growth, 3, padding=1) for i in range(num_convs - 1)
+        )
+        self.out = nn.Conv2d(c_in + (num_convs - 1) * growth, c_out, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2)
+        for conv in self.hidden:
+            nn.init.xavier_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = x
+        for conv in self.hidden:
+            feats = torch.cat([feats, self.act(conv(feats))], dim=1)
+        return self.out(feats)
+
+
+class CouplingBlock(nn.Module):
+    """Two affine couplings between coarse c (N, C, h, w) and details d (N, 3C, h, w).
+
+    Forward: d <- exp(sc(s1)) d + t1 with (s1, t1) = P(c); then c <- exp(sc(s2)) c + t2 with
+    (s2, t2) = U(d). Log-det per sample: sum(sc(s1)) + sum(sc(s2)).
+    """
+
+    def __init__(self, channels: int, num_convs: int, growth: int, clamp: float = 2.0):
+        super().__init__()
+        self.clamp = clamp
+        self.predict = DenseBlock(channels, 2 * 3 * channels, num_convs, growth)  # P
+        self.update = DenseBlock(3 * channels, 2 * channels, num_convs, growth)  # U
+
+    def _scale_shift(self, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = net(x).chunk(2, dim=1)
+        return soft_clamp(s, self.clamp), t
+
+    def forward(
+        self, c: torch.Tensor, d: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s1, t1 = self._scale_shift(self.predict, c)
+        d = torch.exp(s1) * d + t1
+        s2, t2 = self._scale_shift(self.update, d)
+        c = torch.exp(s2) * c + t2
+        logdet = s1.flatten(1).sum(1) + s2.flatten(1).sum(1)
+        return c, d, logdet
+
+    def inverse(self, c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s2, t2 = self._scale_shift(self.update, d)
+        c = (c - t2) * torch.exp(-s2)
+        s1, t1 = self._scale_shift(self.predict, c)
+        d = (d - t1) * torch.exp(-s1)
+        return c, d
+
+
+class DegradationFlow(nn.Module):
+    """Generative pseudoinverse flow for `scale`-times super-resolution.
+
+    Args:
+        scale: SR factor s (even, >= 2); the coarse space is at half resolution, k = s / 2.
+        channels: image channels C (3 for RGB).
+        num_blocks, num_convs, growth: depth and width (paper: 16, 20, 24 -> 30,761,280 params).
+        clamp: soft-clamp bound alpha of the log-scales.
+    """
+
+    def __init__(
+        self,
+        scale: int = 8,
+        channels: int = 3,
+        num_blocks: int = 16,
+        num_convs: int = 20,
+        growth: int = 24,
+        clamp: float = 2.0,
+    ):
+        super().__init__()
+        if scale < 2 or scale % 2:
+            raise ValueError(
+                f"flow scale must be an even integer >= 2 (k = scale/2 nearest embedding), got {scale}"
+            )
+        self.scale = int(scale)
+        self.k = self.scale // 2
+        self.channels = channels
+        self.blocks = nn.ModuleList(
+            CouplingBlock(channels, num_convs, growth, clamp) for _ in range(num_blocks)
+        )
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"DegradationFlow expects (N, {self.channels}, H, W) images, got {tuple(x.shape)}"
+            )
+        ops.check_divisible(x.shape[-2], x.shape[-1], self.scale)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C, H, W) in [-1, 1] -> coarse (N, C, H/2, W/2) ~ U_k(D_s(x)),
+        latent (N, 3C, H/2, W/2) ~ N(0, I), logdet (N,) of the coupling blocks (the Haar
+        log-det is a constant and left out)."""
+        self._check_image(x)
+        c, d = ops.haar2d(x)
+        logdet = x.new_zeros(x.shape[0])
+        for block in self.blocks:
+            c, d, ld = block(c, d)
+            logdet = logdet + ld
+        return c, d, logdet
+
+    def inverse(self, coarse: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """coarse (N, C, h, w), latent (N, 3C, h, w) -> image (N, C, 2h, 2w), about [-1, 1]."""
+        if coarse.dim() != 4 or latent.shape != (
+            coarse.shape[0],
+            3 * coarse.shape[1],
+            *coarse.shape[2:],
+        ):
+            raise ValueError(
+                f"inverse: coarse {tuple(coarse.shape)} and latent {tuple(latent.shape)} must be "
+                f"(N, C, h, w) and (N, 3C, h, w)"
+            )
+        c, d = coarse, latent
+        for block in reversed(self.blocks):
+            c, d = block.inverse(c, d)
+        return ops.ihaar2d(c, d)
+
+    def pseudoinverse(self, y: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """G(y, z): LR y (N, C, h, w) in [-1, 1] and latent (N, 3C, k*h, k*w) -> (N, C, s*h, s*w)."""
+        return self.inverse(ops.upsample_nearest(y, self.k), latent)
+
+    def degrade(self, x: torch.Tensor) -> torch.Tensor:
+        """Learned degradation D_theta: (N, C, H, W) -> (N, C, H/s, W/s), average-pooled coarse."""
+        return ops.downsample_average(self.forward(x)[0], self.k)
+
+    def latent_shape(self, lr_height: int, lr_width: int) -> tuple[int, int, int]:
+        """Shape (3C, k*h, k*w) of the latent for an LR input of size h x w."""
+        return 3 * self.channels, self.k * lr_height, self.k * lr_width

@@ -1,0 +1,206 @@
+"""The improved-diffusion UNet (Nichol & Dhariwal 2021) used as the latent noise predictor.
+
+Knows nothing of diffusion: it maps (x, t) to an output of the same spatial size. Attention
+goes through `F.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = ["UNet", "timestep_embedding"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding: t (N,) float timesteps -> (N, dim), values in [-1, 1]."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) computed in float32 whatever the input dtype (safe under bf16 autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _norm(channels: int) -> nn.Module:
+    return GroupNorm32(min(32, channels), channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """(N, c_in, h, w) + embedding (N, emb) -> (N, c_out, h, w)."""
+
+    def __init__(
+        self, c_in: int, emb_dim: int, c_out: int, dropout: float, scale_shift_norm: bool
+    ):
+        super().__init__()
+        self.scale_shift_norm = scale_shift_norm
+        self.in_layers = nn.Sequential(_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_dim, 2 * c_out if scale_shift_norm else c_out)
+        )
+        self.out_norm = _norm(c_out)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        )
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        e = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if self.scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over spatial positions: (N, C, h, w) -> (N, C, h, w)."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x).reshape(n, c, h * w))
+        q, k, v = rearrange(qkv, "n (three heads d) l -> three n heads l d", three=3, heads=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "n heads l d -> n (heads d) l")
+        return x + self.proj_out(out).reshape(n, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class _Step(nn.ModuleList):
+    """A sequence of layers; ResBlocks also receive the timestep embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Noise predictor eps_phi: x (N, in_channels, H, W), t (N,) -> (N, out_channels, H, W).
+
+    H and W must be divisible by 2^(len(channel_mult) - 1). `attention_resolutions` are
+    feature-map sizes relative to `image_size` (e.g. 16 and 8 for a 64 x 64 input).
+    Paper config (base 96, mult 1,1,2,3,4, 4 res blocks, attention 16 and 8, 4 heads,
+    in 12, out 9): 79,367,049 parameters.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 12,
+        out_channels: int = 9,
+        model_channels: int = 96,
+        channel_mult: Sequence[int] = (1, 1, 2, 3, 4),
+        num_res_blocks: int = 4,
+        attention_resolutions: Sequence[int] = (16, 8),
+        image_size: int = 64,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        scale_shift_norm: bool = False,
+        conv_resample: bool = True,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.model_channels = model_channels
+        self.levels = len(channel_mult)
+        attn_ds = {image_size // r for r in attention_resolutions}
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, emb_dim, c_out, dropout, scale_shift_norm)
+
+        self.input_blocks = nn.ModuleList([_Step([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
+        skips, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attn_ds:
+                    layers.append(AttentionBlock(ch, num_heads))
+                self.input_blocks.append(_Step(layers))
+                skips.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(_Step([Downsample(ch, conv_resample)]))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = _Step([res(ch, ch), AttentionBlock(ch, num_heads), res(ch, ch)])
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attn_ds:
+                    layers.append(AttentionBlock(ch, num_heads))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, conv_resample))
+                    ds //= 2
+                self.output_blocks.append(_Step(layers))
+        self.out = nn.Sequential(
+            _norm(ch), nn.SiLU(), _zero(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        div = 2 ** (self.levels - 1)
+        if x.shape[-1] % div or x.shape[-2] % div:
+            raise ValueError(f"UNet input {tuple(x.shape)}: H and W must be divisible by {div}")
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)

@@ -1,0 +1,227 @@
+"""The fixed operators of GPSR: degradation, Haar transform, embeddings and projections.
+
+One implementation of each operation, used by the data pipeline, the losses, the metrics and
+the sampler alike (SPEC §1, §2, §8). Images are float tensors shaped (N, C, H, W).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "to_signed",
+    "to_unit",
+    "dequantize",
+    "check_divisible",
+    "modcrop",
+    "degrade",
+    "degradation_matrix",
+    "pinv_matrix",
+    "pseudoinverse",
+    "project_consistent",
+    "project_consistent_box",
+    "haar2d",
+    "ihaar2d",
+    "upsample_nearest",
+    "downsample_average",
+    "upsample_bicubic",
+]
+
+QUANT_STEP = 2.0 / 255.0
+"""Width of one 8-bit level in the [-1, 1] range."""
+
+
+def to_signed(x01: torch.Tensor) -> torch.Tensor:
+    """Map [0, 1] to [-1, 1]: `2x - 1`. Any shape."""
+    return x01 * 2.0 - 1.0
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Map [-1, 1] to [0, 1]: `(x + 1) / 2`, without clamping. Any shape."""
+    return (x + 1.0) * 0.5
+
+
+def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantization of 8-bit images in [-1, 1] (SPEC §1).
+
+    The one place dequantization happens: the training steps of both stages call it.
+    x: (N, C, H, W) in [-1, 1] on 8-bit levels -> same shape, `x + U[0, 2/255)`.
+    """
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + noise * QUANT_STEP
+
+
+def check_divisible(height: int, width: int, scale: int, what: str = "image") -> None:
+    """Raise ValueError naming the sizes unless both sides are multiples of `scale`."""
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    if height % scale or width % scale:
+        raise ValueError(
+            f"{what} of size {height}x{width} is not divisible by the scale {scale}; "
+            f"crop it with gpsr.ops.modcrop or choose a size that is a multiple of {scale}"
+        )
+
+
+def modcrop(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Crop the bottom/right so both sides are multiples of `scale` (SPEC §1).
+
+    x: (..., H, W) -> (..., H - H % scale, W - W % scale). Values unchanged.
+    """
+    h, w = x.shape[-2:]
+    return x[..., : h - h % scale, : w - w % scale]
+
+
+def degrade(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic antialiased downsampling `D_s` (a = -0.5), the degradation of the paper.
+
+    Exactly `F.interpolate(mode="bicubic", antialias=True, align_corners=False)`.
+    x: (N, C, H, W), any range, H and W multiples of `scale` -> (N, C, H/s, W/s), same range
+    up to bicubic overshoot. Float output, never clamped or rounded (SPEC §1).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"degrade expects (N, C, H, W), got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    check_divisible(h, w, scale)
+    if scale == 1:
+        return x
+    return F.interpolate(
+        x, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _matrices64(n: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, A^+) in float64 on the CPU for one side of length n."""
+    # Rows only: the width keeps scale 1, where the antialiased bicubic kernel is the identity.
+    eye = torch.eye(n, dtype=torch.float64).reshape(1, 1, n, n)
+    a = F.interpolate(
+        eye, size=(n // scale, n), mode="bicubic", antialias=True, align_corners=False
+    )[0, 0]
+    return a, torch.linalg.pinv(a)
+
+
+def degradation_matrix(
+    n: int, scale: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The 1-D factor `A` of `D_s`: (n/s, n), so that `degrade(x) = A_h x A_w^T` per channel."""
+    check_divisible(n, n, scale, what="side")
+    return _matrices64(n, scale)[0].to(device=device, dtype=dtype)
+
+
+def pinv_matrix(
+    n: int, scale: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Moore-Penrose pseudoinverse `A^+` of the 1-D factor: (n, n/s), from an SVD in float64."""
+    check_divisible(n, n, scale, what="side")
+    return _matrices64(n, scale)[1].to(device=device, dtype=dtype)
+
+
+def pseudoinverse(y: torch.Tensor, scale: int) -> torch.Tensor:
+    """Linear Moore-Penrose pseudoinverse `D_s^+ y = A_h^+ y A_w^+T` (SPEC §8, Remark 1).
+
+    y: (N, C, h, w) -> (N, C, h*s, w*s), minimum-norm solution of `degrade(x) = y`.
+    """
+    h, w = y.shape[-2:]
+    ph = pinv_matrix(h * scale, scale, y.dtype, y.device)
+    pw = pinv_matrix(w * scale, scale, y.dtype, y.device)
+    return ph @ y @ pw.T
+
+
+def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Tensor:
+    """Null-space projection `x + D_s^+(y - D_s(x))`: the closest `x'` with `D_s(x') = y`.
+
+    x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (N, C, H, W), consistent to float
+    precision. Not clamped: see `project_consistent_box` for outputs that must stay in a range.
+    """
+    if y.shape[-2] * scale != x.shape[-2] or y.shape[-1] * scale != x.shape[-1]:
+        raise ValueError(
+            f"project_consistent: x {tuple(x.shape)} and y {tuple(y.shape)} do not match scale {scale}"
+        )
+    return x + pseudoinverse(y - degrade(x, scale), scale)
+
+
+def project_consistent_box(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: int,
+    low: float = 0.0,
+    high: float = 1.0,
+    tol: float = 1e-7,
+    max_iter: int = 200,
+) -> tuple[torch.Tensor, int]:
+    """Alternate the consistency projection and clamping to [low, high] until both hold.
+
+    Both sets are convex and the ground truth lies in both, so alternating projections
+    converge to a point of the intersection. Computed in float64; stops when the projected
+    image leaves the box by at most `tol`, then clamps (changing `D_s(x)` by at most `tol`).
+    x: (N, C, H, W), y: (N, C, H/s, W/s) in the same units -> (x' in [low, high], iterations).
+    """
+    dtype = x.dtype
+    x64, y64 = x.double(), y.double()
+    iters = 0
+    for iters in range(1, max_iter + 1):
+        x64 = project_consistent(x64, y64, scale)
+        excess = torch.maximum(x64 - high, low - x64).max().item()
+        if excess <= tol:
+            break
+        x64 = x64.clamp(low, high)
+    return x64.clamp(low, high).to(dtype), iters
+
+
+def haar2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-level Haar transform `H` on 2x2 blocks (SPEC §2).
+
+    x: (N, C, H, W), even H and W -> coarse (N, C, H/2, W/2) = 2x2 average,
+    details (N, 3C, H/2, W/2) = [horizontal | vertical | diagonal], each block of C channels
+    `(TL+TR-BL-BR)/4`, `(TL+BL-TR-BR)/4`, `(TL+BR-TR-BL)/4`. Same range as x for coarse.
+    """
+    n, c, h, w = x.shape
+    check_divisible(h, w, 2)
+    p = F.pixel_unshuffle(x, 2).reshape(n, c, 4, h // 2, w // 2)
+    tl, tr, bl, br = p.unbind(2)
+    coarse = (tl + tr + bl + br) * 0.25
+    d1 = (tl + tr - bl - br) * 0.25
+    d2 = (tl + bl - tr - br) * 0.25
+    d3 = (tl + br - tr - bl) * 0.25
+    return coarse, torch.cat([d1, d2, d3], dim=1)
+
+
+def ihaar2d(coarse: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of `haar2d`: (N, C, h, w) + (N, 3C, h, w) -> (N, C, 2h, 2w)."""
+    n, c, h, w = coarse.shape
+    if details.shape != (n, 3 * c, h, w):
+        raise ValueError(
+            f"ihaar2d: details {tuple(details.shape)} do not match coarse {tuple(coarse.shape)}"
+        )
+    d1, d2, d3 = details.chunk(3, dim=1)
+    tl = coarse + d1 + d2 + d3
+    tr = coarse + d1 - d2 - d3
+    bl = coarse - d1 + d2 - d3
+    br = coarse - d1 - d2 + d3
+    p = torch.stack([tl, tr, bl, br], dim=2).reshape(n, 4 * c, h, w)
+    return F.pixel_shuffle(p, 2)
+
+
+def upsample_nearest(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Nearest-neighbour embedding `U_k` of the measurement in the coarse space (SPEC §2).
+
+    y: (N, C, h, w) -> (N, C, k*h, k*w); each pixel repeated on a k x k block.
+    """
+    if k == 1:
+        return y
+    return y.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
+def downsample_average(c: torch.Tensor, k: int) -> torch.Tensor:
+    """Left inverse of `upsample_nearest`: k x k average pooling, (N, C, kh, kw) -> (N, C, h, w)."""
+    if k == 1:
+        return c
+    return F.avg_pool2d(c, k)
+
+
+def upsample_bicubic(y: torch.Tensor, scale: int) -> torch.Tensor:
+    """Plain bicubic upsampling (the Table 1 baseline): (N, C, h, w) -> (N, C, s*h, s*w)."""
+    return F.interpolate(y, scale_factor=scale, mode="bicubic", align_corners=False)

@@ -1,0 +1,117 @@
+"""The fixed operators against independent references (torch's interpolate, dense pinv)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+from gpsr import ops
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_haar_round_trip(dtype, tol):
+    x = torch.randn(2, 3, 16, 24, dtype=dtype)
+    coarse, details = ops.haar2d(x)
+    assert coarse.shape == (2, 3, 8, 12) and details.shape == (2, 9, 8, 12)
+    assert torch.allclose(ops.ihaar2d(coarse, details), x, atol=tol, rtol=0)
+
+
+def test_haar_coefficients_by_hand():
+    # One 2x2 block per channel: TL=1, TR=2, BL=3, BR=5.
+    x = torch.tensor([[1.0, 2.0], [3.0, 5.0]]).reshape(1, 1, 2, 2)
+    coarse, details = ops.haar2d(x)
+    assert coarse.item() == pytest.approx((1 + 2 + 3 + 5) / 4)
+    assert details.flatten().tolist() == pytest.approx(
+        [(1 + 2 - 3 - 5) / 4, (1 + 3 - 2 - 5) / 4, (1 + 5 - 2 - 3) / 4]
+    )
+    # The coarse band is 2x2 average pooling.
+    y = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(ops.haar2d(y)[0], F.avg_pool2d(y, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_degrade_matches_torch_and_torchvision(scale):
+    x = torch.rand(2, 3, 64, 48) * 2 - 1
+    ref = F.interpolate(
+        x, size=(64 // scale, 48 // scale), mode="bicubic", antialias=True, align_corners=False
+    )
+    out = ops.degrade(x, scale)
+    assert out.shape == (2, 3, 64 // scale, 48 // scale)
+    assert torch.equal(out, ref)
+    tv = TF.resize(
+        x, [64 // scale, 48 // scale], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
+    )
+    assert torch.allclose(out, tv, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_degrade_equals_its_separable_matrices(scale):
+    x = torch.randn(2, 3, 32, 40, dtype=torch.float64)
+    ah = ops.degradation_matrix(32, scale)
+    aw = ops.degradation_matrix(40, scale)
+    assert ah.shape == (32 // scale, 32)
+    assert torch.allclose(ops.degrade(x, scale), ah @ x @ aw.T, atol=1e-12, rtol=0)
+    # Each row of the bicubic operator sums to one (constants are preserved).
+    assert torch.allclose(ah.sum(1), torch.ones(32 // scale, dtype=torch.float64))
+
+
+def test_pseudoinverse_against_dense_pinv():
+    scale, h, w = 4, 16, 12
+    y = torch.randn(1, 1, h // scale, w // scale, dtype=torch.float64)
+    # Dense operator from the degradation itself, one basis image at a time.
+    basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    dense = ops.degrade(basis, scale).reshape(h * w, -1).T  # (hw/s^2, hw)
+    ref = (torch.linalg.pinv(dense) @ y.flatten()).reshape(1, 1, h, w)
+    assert torch.allclose(ops.pseudoinverse(y, scale), ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("scale", [2, 8])
+def test_projection_is_consistent(dtype, tol, scale):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 64, 64, generator=gen, dtype=dtype)
+    y = ops.degrade(torch.rand(3, 3, 64, 64, generator=gen, dtype=dtype), scale)
+    xp = ops.project_consistent(x, y, scale)
+    rel = (ops.degrade(xp, scale) - y).norm() / y.norm()
+    assert rel < tol
+    # Projection is idempotent and moves x only in the range of D^+ (minimal change).
+    assert torch.allclose(ops.project_consistent(xp, y, scale), xp, atol=tol * 10)
+    before = (ops.degrade(x, scale) - y).norm()
+    assert before > 1e3 * rel * y.norm()  # the test input was far from consistent
+
+
+def test_box_projection_ends_inside_box_and_consistent():
+    gen = torch.Generator().manual_seed(1)
+    hr = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    y = ops.degrade(hr, 8)
+    x = (hr + 0.3 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    xp, iters = ops.project_consistent_box(x, y, 8)
+    assert xp.min() >= 0 and xp.max() <= 1
+    assert ((ops.degrade(xp, 8) - y) ** 2).mean() < 1e-12
+    assert iters >= 1
+    # Plain projection followed by clamping would not be consistent here.
+    naive = ops.project_consistent(x, y, 8).clamp(0, 1)
+    assert ((ops.degrade(naive, 8) - y) ** 2).mean() > 1e-9
+
+
+def test_nearest_embedding_and_left_inverse():
+    y = torch.randn(2, 3, 4, 5)
+    up = ops.upsample_nearest(y, 4)
+    assert up.shape == (2, 3, 16, 20)
+    assert torch.equal(up, F.interpolate(y, scale_factor=4, mode="nearest"))
+    assert torch.allclose(ops.downsample_average(up, 4), y)
+    assert ops.upsample_nearest(y, 1) is y
+
+
+def test_modcrop_and_divisibility_errors():
+    x = torch.zeros(1, 3, 37, 50)
+    assert ops.modcrop(x, 8).shape == (1, 3, 32, 48)
+    with pytest.raises(ValueError, match="not divisible by the scale 8"):
+        ops.degrade(x, 8)
+
+
+def test_dequantize_range():
+    x = torch.full((1000,), -1.0).reshape(1, 1, 10, 100)
+    d = ops.dequantize(x, torch.Generator().manual_seed(0))
+    assert (d >= -1).all() and (d < -1 + 2 / 255).all()
+    assert d.std() > 0
