@@ -1,0 +1,277 @@
+"""GPSRDataModule: FFHQ / CelebA-HQ / any image folder / the bundled demo, as HR-LR batches.
+
+Every batch is a dict:
+- "hr": (N, 3, S, S) float32 in [-1, 1] on 8-bit levels (randomly flipped in training);
+- "lr": (N, 3, S/s, S/s) float32 = `gpsr.ops.degrade(hr, s)`, never clamped or rounded;
+- "index": (N,) long, the image's index within its split.
+Dequantization is not applied here: the training steps call `gpsr.ops.dequantize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from gpsr import ops
+from gpsr.data.demo import demo_crops
+from gpsr.data.images import (
+    ImageFileError,
+    find_images,
+    load_image,
+    read_header,
+    too_small_message,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GPSRDataModule", "ImageDataset", "split_indices"]
+
+SPLITS = ("train", "val", "test")
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Deterministic train / val / test partition of range(n) from `seed`."""
+    if not (0 <= val_fraction <= 1 and 0 <= test_fraction <= 1 and val_fraction + test_fraction <= 1):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in "
+            f"[0, 1] and sum to at most 1"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    return {
+        "test": sorted(perm[:n_test]),
+        "val": sorted(perm[n_test : n_test + n_val]),
+        "train": sorted(perm[n_test + n_val :]),
+    }
+
+
+class ImageDataset(Dataset):
+    """HR/LR pairs from a list of files or from in-memory uint8 images.
+
+    Args:
+        items: file paths, or a uint8 tensor (N, 3, S, S) of already prepared images.
+        size: side S of the square HR images.
+        scale: SR factor; `size` must be divisible by it.
+        flip: random horizontal flips (training).
+        skip_corrupt: replace an undecodable file by the next good one, with a warning.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Path] | torch.Tensor,
+        size: int,
+        scale: int,
+        flip: bool = False,
+        skip_corrupt: bool = False,
+    ):
+        ops.check_divisible(size, size, scale, what=f"data.size={size}")
+        self.items = items
+        self.size, self.scale, self.flip, self.skip_corrupt = size, scale, flip, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _uint8(self, index: int) -> torch.Tensor:
+        if isinstance(self.items, torch.Tensor):
+            return self.items[index]
+        for attempt in range(len(self.items)):
+            path = self.items[(index + attempt) % len(self.items)]
+            try:
+                return load_image(path, self.size)
+            except ImageFileError as err:
+                if not self.skip_corrupt:
+                    raise
+                log.warning("skipping %s", err)
+        raise ImageFileError("no decodable image left in this split")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        img = self._uint8(index)
+        if self.flip and torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        hr = img.float() / 127.5 - 1.0
+        lr = ops.degrade(hr[None], self.scale)[0]
+        return {"hr": hr, "lr": lr, "index": index}
+
+
+class GPSRDataModule(L.LightningDataModule):
+    """Train / val / test loaders for one data source.
+
+    Args:
+        source: "demo" (bundled photos, no download) or "folder" (FFHQ, CelebA-HQ, any tree).
+        root: image folder split by `val_fraction` / `test_fraction` with `split_seed`.
+        train_root, val_root, test_root: explicit per-split folders (override `root`).
+        size: HR side; larger images are resized and centre-cropped.
+        scale: SR factor.
+        batch_size, eval_batch_size, num_workers, pin_memory: loader settings.
+        cache: decode every image once at setup and keep the uint8 tensors in RAM.
+        skip_corrupt, skip_small: leave undecodable / too small files out instead of failing.
+        demo_count, demo_seed: number and seed of the demo crops.
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        root: str | None = None,
+        train_root: str | None = None,
+        val_root: str | None = None,
+        test_root: str | None = None,
+        size: int = 128,
+        scale: int = 8,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        cache: bool = False,
+        skip_corrupt: bool = False,
+        skip_small: bool = False,
+        demo_count: int = 96,
+        demo_seed: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if source not in ("demo", "folder"):
+            raise ValueError(f"data.source must be 'demo' or 'folder', got {source!r}")
+        ops.check_divisible(size, size, scale, what=f"data.size={size}")
+        if source == "folder" and not (root or train_root or val_root or test_root):
+            raise ValueError("data.root is not set: point it at a folder of images (see README 'Data')")
+        self.source, self.root, self.size, self.scale = source, root, size, scale
+        self.roots = {"train": train_root, "val": val_root, "test": test_root}
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.pin_memory, self.cache = num_workers, pin_memory, cache
+        self.skip_corrupt, self.skip_small = skip_corrupt, skip_small
+        self.demo_count, self.demo_seed, self.seed = demo_count, demo_seed, seed
+        self.items: dict[str, Sequence[Path] | torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ items per split
+    def _checked_files(self, files: list[Path]) -> list[Path]:
+        """Header scan: drop or refuse unreadable and too-small files before training starts."""
+        kept = []
+        for path in files:
+            try:
+                w, h = read_header(path)
+            except ImageFileError as err:
+                if not self.skip_corrupt:
+                    raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from err
+                log.warning("skipping %s", err)
+                continue
+            if min(w, h) < self.size:
+                if not self.skip_small:
+                    raise ImageFileError(too_small_message(str(path), w, h, self.size))
+                log.warning("skipping %s: %dx%d is smaller than data.size=%d", path, w, h, self.size)
+                continue
+            kept.append(path)
+        return kept
+
+    def _decode_all(self, files: Sequence[Path]) -> torch.Tensor:
+        out = []
+        for path in files:
+            try:
+                out.append(load_image(path, self.size))
+            except ImageFileError as err:
+                if not self.skip_corrupt:
+                    raise
+                log.warning("skipping %s", err)
+        if not out:
+            raise ImageFileError("data.cache: no decodable images")
+        return torch.stack(out)
+
+    def _build_items(self) -> dict[str, Sequence[Path] | torch.Tensor]:
+        if self.source == "demo":
+            crops = demo_crops(self.size, self.demo_count, self.demo_seed)
+            idx = split_indices(len(crops), self.val_fraction, self.test_fraction, self.split_seed)
+            return {k: crops[v] for k, v in idx.items()}
+        items: dict[str, Sequence[Path] | torch.Tensor] = {}
+        if self.root:
+            files = self._checked_files(find_images(self.root, "data.root"))
+            idx = split_indices(len(files), self.val_fraction, self.test_fraction, self.split_seed)
+            items = {k: [files[i] for i in v] for k, v in idx.items()}
+        for split, root in self.roots.items():
+            if root:
+                items[split] = self._checked_files(find_images(root, f"data.{split}_root"))
+        if self.cache:
+            items = {k: self._decode_all(v) if len(v) else v for k, v in items.items()}
+        return items
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.items:
+            self.items = self._build_items()
+
+    def dataset(self, split: str, flip: bool | None = None) -> ImageDataset:
+        """The dataset of one split; training flips by default, evaluation never."""
+        self.setup()
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        items = self.items.get(split, [])
+        if len(items) == 0:
+            hint = {
+                "train": "lower data.val_fraction / data.test_fraction or set data.train_root",
+                "val": "raise data.val_fraction or set data.val_root",
+                "test": "raise data.test_fraction or set data.test_root",
+            }[split]
+            raise ValueError(f"the {split} split is empty: {hint}")
+        return ImageDataset(
+            items, self.size, self.scale, flip=(split == "train") if flip is None else flip,
+            skip_corrupt=self.skip_corrupt,
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def _loader_kwargs(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled, flipped, drop-last batches; resumable mid-epoch (state saved in checkpoints)."""
+        ds = self.dataset("train")
+        world, rank = self._world()
+        if len(ds) < self.batch_size * world:
+            raise ValueError(
+                f"the train split has {len(ds)} images, fewer than data.batch_size={self.batch_size} "
+                f"x {world} processes; lower data.batch_size"
+            )
+        kwargs = self._loader_kwargs()
+        if world > 1:
+            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed, drop_last=True)
+            return StatefulDataLoader(ds, self.batch_size, sampler=sampler, drop_last=True, **kwargs)
+        gen = torch.Generator().manual_seed(self.seed)
+        return StatefulDataLoader(ds, self.batch_size, shuffle=True, generator=gen, drop_last=True, **kwargs)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """In-order batches of a split; under DDP each rank gets a disjoint, unpadded shard."""
+        ds = self.dataset(split)
+        world, rank = self._world()
+        sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        return DataLoader(ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def stats_dataloader(self) -> DataLoader:
+        """Clean training images (no flip), sharded without padding: for latent statistics."""
+        ds = self.dataset("train", flip=False)
+        world, rank = self._world()
+        sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        return DataLoader(ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs())

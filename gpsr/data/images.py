@@ -1,0 +1,115 @@
+"""Reading image files into uint8 RGB tensors, with one documented rule per odd input.
+
+Rules (README "Data"):
+- greyscale (L, I, I;16) is replicated to RGB; 16-bit and 32-bit integer images are scaled to
+  8 bits (top byte), never clipped;
+- RGBA / LA / palette images are converted to RGB with the alpha channel dropped;
+- CMYK and other colour modes go through Pillow's RGB conversion;
+- an image larger than the target is resized (shorter side to the target, antialiased
+  bicubic) and centre-cropped; a smaller one is an error naming the file (or skipped with
+  `data.skip_small=true`);
+- a file that cannot be decoded (corrupt, truncated, not an image) is an error naming the
+  file (or skipped with a warning with `data.skip_corrupt=true`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageFileError",
+    "find_images",
+    "read_header",
+    "decode_rgb",
+    "fit_to_square",
+    "too_small_message",
+    "load_image",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFileError(ValueError):
+    """An image file that cannot be used; the message names the file and the setting to change."""
+
+
+def find_images(root: str | Path, setting: str = "data.root") -> list[Path]:
+    """All image files under `root` (recursive), sorted; clear errors for missing or empty roots."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"{setting}={root} does not exist; point {setting} at a folder of images")
+    if root.is_file():
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {setting}={root}"
+        )
+    return files
+
+
+def read_header(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageFileError(f"{path}: not a readable image ({err})") from err
+
+
+def decode_rgb(path: Path) -> torch.Tensor:
+    """Decode a file to uint8 RGB: -> (3, H, W) uint8, following the module's rules."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                arr = np.asarray(img).astype(np.int64)
+                # Pillow reads 16-bit greyscale as I;16 or I; scale the 16-bit range to 8 bits.
+                arr = np.clip(arr, 0, 65535) >> 8
+                arr = np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
+            elif mode == "F":
+                raise ImageFileError(f"{path}: floating-point images are not supported; save as 8/16-bit")
+            else:
+                if mode in ("RGBA", "LA", "PA"):
+                    img = img.convert(mode[:-1] if mode != "PA" else "P")
+                arr = np.asarray(img.convert("RGB"))
+    except ImageFileError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageFileError(
+            f"{path}: cannot be decoded ({err}); remove it or set data.skip_corrupt=true"
+        ) from err
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def too_small_message(name: str, width: int, height: int, size: int) -> str:
+    return (
+        f"{name} is {width}x{height}, smaller than data.size={size}; lower data.size, "
+        f"remove it, or set data.skip_small=true"
+    )
+
+
+def fit_to_square(img: torch.Tensor, size: int, name: str = "image") -> torch.Tensor:
+    """Resize and centre-crop to a square: (3, H, W) uint8 -> (3, size, size) uint8.
+
+    Larger images: shorter side to `size` with antialiased bicubic, then centre crop.
+    Smaller images raise ImageFileError naming `name`.
+    """
+    h, w = img.shape[-2:]
+    if min(h, w) < size:
+        raise ImageFileError(too_small_message(name, w, h, size))
+    if min(h, w) > size:
+        img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Decode, convert, resize and crop one file: -> (3, size, size) uint8."""
+    return fit_to_square(decode_rgb(path), size, name=str(path))

@@ -1,0 +1,163 @@
+"""Data pipeline: demo crops, folders of real files, splits, and every kind of bad input."""
+
+import logging
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from gpsr import ops
+from gpsr.data import GPSRDataModule, ImageFileError, decode_rgb, demo_crops, split_indices
+
+
+def _write_photos(folder, n=6, size=80):
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = skimage.data.astronaut()
+    for i in range(n):
+        crop = photo[i * 40 : i * 40 + size, i * 30 : i * 30 + size + 10]  # not square
+        ext = [".png", ".jpg", ".webp"][i % 3]
+        Image.fromarray(crop).save(folder / f"img{i}{ext}")
+    return folder
+
+
+def test_demo_crops_are_fixed_and_seeded():
+    a, b = demo_crops(32, 12, seed=0), demo_crops(32, 12, seed=0)
+    assert a.shape == (12, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert not torch.equal(a, demo_crops(32, 12, seed=1))
+    assert a.float().std() > 20  # real photo content, not a constant
+
+
+def test_splits_are_deterministic_and_disjoint():
+    s = split_indices(100, 0.1, 0.2, seed=3)
+    assert len(s["val"]) == 10 and len(s["test"]) == 20 and len(s["train"]) == 70
+    assert set(s["train"]).isdisjoint(s["val"]) and set(s["val"]).isdisjoint(s["test"])
+    assert s == split_indices(100, 0.1, 0.2, seed=3) and s != split_indices(100, 0.1, 0.2, seed=4)
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        split_indices(10, 0.7, 0.6, 0)
+
+
+def test_demo_batches_carry_float_lr():
+    dm = GPSRDataModule(size=32, scale=4, batch_size=4, demo_count=24)
+    batch = next(iter(dm.train_dataloader()))
+    hr, lr = batch["hr"], batch["lr"]
+    assert hr.shape == (4, 3, 32, 32) and lr.shape == (4, 3, 8, 8)
+    assert hr.min() >= -1 and hr.max() <= 1
+    # HR lies on 8-bit levels; LR is the exact float degradation (not rounded).
+    levels = (hr + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert torch.allclose(lr, ops.degrade(hr, 4), atol=1e-6)
+    assert not torch.allclose(lr * 127.5, (lr * 127.5).round(), atol=1e-3)
+
+
+def test_training_flips_and_evaluation_does_not():
+    dm = GPSRDataModule(size=32, scale=4, batch_size=4, demo_count=24)
+    train = dm.dataset("train")
+    torch.manual_seed(0)
+    views = {tuple(train[0]["hr"][0, 0, :4].tolist()) for _ in range(20)}
+    assert len(views) == 2
+    test = dm.dataset("test")
+    assert torch.equal(test[0]["hr"], test[0]["hr"])
+
+
+def test_folder_resizes_crops_and_splits(tmp_path):
+    root = _write_photos(tmp_path / "imgs", n=10)
+    dm = GPSRDataModule(source="folder", root=str(root), size=64, scale=8, batch_size=2,
+                        val_fraction=0.2, test_fraction=0.2)
+    dm.setup()
+    assert [len(dm.items[k]) for k in ("train", "val", "test")] == [6, 2, 2]
+    item = dm.dataset("test")[0]
+    assert item["hr"].shape == (3, 64, 64) and item["lr"].shape == (3, 8, 8)
+    # Explicit per-split roots override the fractions.
+    dm2 = GPSRDataModule(source="folder", train_root=str(root), test_root=str(root), size=64, scale=8)
+    dm2.setup()
+    assert len(dm2.items["test"]) == 10 and len(dm2.items["train"]) == 10
+
+
+def test_cache_gives_identical_items(tmp_path):
+    root = _write_photos(tmp_path / "imgs", n=4)
+    kw = dict(source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=0.5)
+    a, b = GPSRDataModule(**kw), GPSRDataModule(cache=True, **kw)
+    assert torch.equal(a.dataset("test")[1]["hr"], b.dataset("test")[1]["hr"])
+
+
+def test_missing_and_empty_roots(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*nowhere does not exist"):
+        GPSRDataModule(source="folder", root=str(tmp_path / "nowhere"), size=64, scale=8).setup()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        GPSRDataModule(source="folder", root=str(tmp_path / "empty"), size=64, scale=8).setup()
+    with pytest.raises(ValueError, match="data.root is not set"):
+        GPSRDataModule(source="folder", size=64, scale=8)
+
+
+def test_bad_size_for_scale():
+    with pytest.raises(ValueError, match="data.size=60"):
+        GPSRDataModule(size=60, scale=8)
+
+
+def test_corrupt_and_truncated_files(tmp_path, caplog):
+    root = _write_photos(tmp_path / "imgs", n=4)
+    (root / "garbage.png").write_bytes(b"this is not a png at all")
+    good = (root / "img0.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    kw = dict(source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0)
+    with pytest.raises(ImageFileError, match=r"garbage\.png.*data.skip_corrupt=true"):
+        GPSRDataModule(**kw).setup()
+    # Skipping: the garbage file is left out at the header scan; the truncated one (valid
+    # header) is caught at decode time and replaced by the next good image, with a warning.
+    dm = GPSRDataModule(skip_corrupt=True, **kw)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+        ds = dm.dataset("test")
+        names = [p.name for p in dm.items["test"]]
+        assert "garbage.png" not in names and "truncated.png" in names
+        item = ds[names.index("truncated.png")]
+    assert item["hr"].shape == (3, 64, 64)
+    assert "garbage.png" in caplog.text and "truncated.png" in caplog.text
+    strict = GPSRDataModule(**kw)
+    strict.items = dm.items
+    with pytest.raises(ImageFileError, match=r"truncated\.png.*cannot be decoded"):
+        strict.dataset("test")[names.index("truncated.png")]
+
+
+def test_too_small_image(tmp_path):
+    root = _write_photos(tmp_path / "imgs", n=2)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / "tiny.png")
+    kw = dict(source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0)
+    with pytest.raises(ImageFileError, match=r"tiny\.png is 50x40, smaller than data.size=64"):
+        GPSRDataModule(**kw).setup()
+    dm = GPSRDataModule(skip_small=True, **kw)
+    dm.setup()
+    assert len(dm.items["test"]) == 2
+
+
+def test_mode_conversions(tmp_path):
+    rgb = skimage.data.astronaut()[:70, :70]
+    grey = skimage.data.camera()[:70, :70]
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([rgb, np.full((70, 70), 7, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    g = decode_rgb(tmp_path / "grey.png")
+    assert g.shape == (3, 70, 70) and torch.equal(g[0], g[2]) and torch.equal(g[0], torch.from_numpy(grey))
+    a = decode_rgb(tmp_path / "rgba.png")
+    assert torch.equal(a, torch.from_numpy(rgb).permute(2, 0, 1))  # alpha dropped, colour kept
+    g16 = decode_rgb(tmp_path / "grey16.png")
+    assert torch.equal(g16[1], torch.from_numpy(grey))  # 16-bit scaled, not clipped to 255
+    assert decode_rgb(tmp_path / "palette.png").shape == (3, 70, 70)
+    dm = GPSRDataModule(source="folder", root=str(tmp_path), size=64, scale=8, val_fraction=0,
+                        test_fraction=1.0)
+    assert len(dm.dataset("test")) == 4
+
+
+def test_empty_split_and_too_few_for_a_batch():
+    dm = GPSRDataModule(size=32, scale=4, demo_count=10, val_fraction=0.0, test_fraction=0.2,
+                        batch_size=64)
+    with pytest.raises(ValueError, match="the val split is empty: raise data.val_fraction"):
+        dm.dataset("val")
+    with pytest.raises(ValueError, match="lower data.batch_size"):
+        dm.train_dataloader()
