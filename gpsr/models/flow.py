@@ -66,7 +66,11 @@ class CouplingBlock(nn.Module):
         self.update = DenseBlock(3 * channels, 2 * channels, num_convs, growth)  # U
 
     def _scale_shift(self, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = net(x).chunk(2, dim=1)
+        # Subnets may run in bf16 under autocast; the affine maps and log-det stay in float32
+        # (or float64), so invertibility and consistency do not depend on the subnet precision.
+        out = net(x)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        s, t = out.chunk(2, dim=1)
         return soft_clamp(s, self.clamp), t
 
     def forward(

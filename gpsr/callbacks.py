@@ -1,0 +1,103 @@
+"""Lightning callbacks: validation metrics for both stages, and the image panel."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from torch import nn
+from torchvision.utils import make_grid
+
+from gpsr.metrics import SRMetrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SRMetricsCallback", "ImagePanelCallback", "to_uint8_grid"]
+
+
+class SRMetricsCallback(Callback):
+    """PSNR, SSIM and consistency (x1e-5) of every method a validation step returns.
+
+    The module's `validation_step` returns {"hr", "lr", "sr": {method: image}}, all in
+    [0, 1]. One `SRMetrics` per method accumulates over the epoch; values are reduced across
+    DDP processes by torchmetrics and logged as `val/<method>/<metric>`.
+    """
+
+    def __init__(self) -> None:
+        self.metrics = nn.ModuleDict()
+        self.last: dict[str, float] = {}
+
+    def _update(self, pl_module, outputs: Any) -> None:
+        if not isinstance(outputs, dict) or "sr" not in outputs:
+            return
+        for method, sr in outputs["sr"].items():
+            if method not in self.metrics:
+                self.metrics[method] = SRMetrics(pl_module.hparams["scale"]).to(pl_module.device)
+            self.metrics[method].update(sr, outputs["hr"], outputs["lr"])
+
+    def _log(self, pl_module, prefix: str) -> None:
+        self.last = {}
+        for method, metric in self.metrics.items():
+            for name, value in metric.compute().items():
+                key = f"{prefix}/{method}/{name}"
+                self.last[key] = value
+                # Already reduced across processes by torchmetrics.
+                pl_module.log(key, value, sync_dist=False)
+            metric.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._update(pl_module, outputs)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._update(pl_module, outputs)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")
+
+
+def to_uint8_grid(rows: dict[str, torch.Tensor], max_images: int = 8) -> np.ndarray:
+    """Rows of images (N, 3, H, W) in [0, 1] -> one (H', W', 3) uint8 grid, a column per row."""
+    n = min(max_images, min(r.shape[0] for r in rows.values()))
+    tiles = torch.stack([r[:n].detach().float().cpu() for r in rows.values()], dim=1)  # (n, R, 3, H, W)
+    grid = make_grid(tiles.flatten(0, 1), nrow=len(rows), padding=2, pad_value=1.0)
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+class ImagePanelCallback(Callback):
+    """After each validation, a grid (columns: LR | SR ... | HR | |error| | std) of the first
+    validation images, written as PNG under `<output_dir>/samples/` and logged as uint8."""
+
+    def __init__(self, output_dir: str, max_images: int = 8):
+        self.output_dir = Path(output_dir)
+        self.max_images = max_images
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self.batch = {k: v[: self.max_images] for k, v in batch.items()}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.batch is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        rows = pl_module.panel(self.batch)
+        grid = to_uint8_grid(rows, self.max_images)
+        path = self.output_dir / "samples" / f"step{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        caption = " | ".join(rows)
+        for logger in trainer.loggers:
+            log_image = getattr(logger, "log_image", None)
+            if log_image is not None:  # WandbLogger
+                log_image("val/panel", [grid], step=trainer.global_step, caption=[caption])
+            elif hasattr(logger, "experiment") and hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("val/panel", grid, trainer.global_step, dataformats="HWC")
+        self.batch = None

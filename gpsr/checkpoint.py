@@ -1,0 +1,110 @@
+"""Checkpoints written atomically and loaded safely (`weights_only=True`), with clear errors.
+
+Every gpsr checkpoint carries `checkpoint["gpsr"] = {"stage", "scale", "version"}` so a file of
+the wrong stage or scale is refused with one line instead of a shape mismatch deep in torch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = [
+    "CheckpointError",
+    "AtomicCheckpointIO",
+    "atomic_save",
+    "load_checkpoint",
+    "check_gpsr_checkpoint",
+    "find_last_checkpoint",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """torch.load with `weights_only=True`; missing, truncated or tampered files raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} was refused by the safe loader (weights_only=True): it holds "
+            f"objects other than tensors and plain containers, so it may have been tampered "
+            f"with ({first})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err})") from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} is not a gpsr checkpoint (got {type(ckpt).__name__})")
+    return ckpt
+
+
+def check_gpsr_checkpoint(
+    ckpt: dict[str, Any], path: str | Path, stage: str | None = None, scale: int | None = None
+) -> dict[str, Any]:
+    """Return `ckpt["gpsr"]` after checking its stage and scale; CheckpointError otherwise."""
+    meta = ckpt.get("gpsr")
+    if not isinstance(meta, dict) or "stage" not in meta:
+        raise CheckpointError(f"checkpoint {path} is not a gpsr checkpoint (no 'gpsr' metadata)")
+    if stage is not None and meta["stage"] != stage:
+        raise CheckpointError(
+            f"checkpoint {path} is a '{meta['stage']}' checkpoint, but a '{stage}' checkpoint is needed"
+        )
+    if scale is not None and meta.get("scale") != scale:
+        raise CheckpointError(
+            f"checkpoint {path} was trained for scale {meta.get('scale')}, but this run uses "
+            f"scale={scale}"
+        )
+    return meta
+
+
+def find_last_checkpoint(run_dir: str | Path) -> Path | None:
+    """`<run_dir>/checkpoints/last.ckpt` if it exists, else the newest `*.ckpt` there, else None."""
+    folder = Path(run_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    if last.is_file():
+        return last
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes atomically and loads with `weights_only=True`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location or "cpu")

@@ -1,0 +1,98 @@
+"""Shared plumbing of the command-line entry points: config location, output checks, and
+turning gpsr's own errors into one clear line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gpsr")
+
+__all__ = ["CONFIG_DIR", "check_output_dir", "report_errors", "finish_wandb"]
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PermissionError, NotADirectoryError)
+
+
+def _raised_by_gpsr(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and f"{os.sep}gpsr{os.sep}" in last
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The gpsr validation error behind `exc` (through Hydra's wrapping), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, USER_ERRORS) and _raised_by_gpsr(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the W&B run if one is open, so multirun jobs never merge into one run."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
+def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an entry point; a gpsr validation error becomes one line and exit status 1
+    (set GPSR_DEBUG=1 for the traceback). W&B is always closed."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        code = 0
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            code = 1
+            err = user_error(exc)
+            if err is None or os.environ.get("GPSR_DEBUG"):
+                log.error("".join(traceback.format_exception(exc)))
+                raise
+            log.error("gpsr: %s", err)
+            print(f"gpsr: error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        finally:
+            finish_wandb(code)
+
+    return wrapper
+
+
+def check_output_dir(path: str | Path, need_bytes: int = 0) -> Path:
+    """Fail early, with the path in the message, if `path` cannot be created or written, or
+    its disk has less than `need_bytes` free."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"output directory {path} is not writable ({err.strerror or err}); set "
+            f"paths.log_dir or hydra.run.dir to a writable place"
+        ) from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise PermissionError(
+            f"only {free / 2**20:.0f} MiB free on the disk of {path}, but this run needs about "
+            f"{need_bytes / 2**20:.0f} MiB for its checkpoints; free space or move paths.log_dir"
+        )
+    return path

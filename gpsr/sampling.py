@@ -1,0 +1,137 @@
+"""Algorithm 3: latent statistics, seeded noise and the GPSR sampler, shared by training
+validation, evaluation, the CLI and the inference object."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gpsr import ops
+from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.flow import DegradationFlow
+
+__all__ = ["LatentStats", "seeded_normal", "IndexNoise", "super_resolve"]
+
+
+class LatentStats(nn.Module):
+    """Per-channel mean / variance and global min / max of the flow latent z (SPEC §4).
+
+    Buffers (saved in checkpoints): mean, var (C,), zmin, zmax (), ready () bool.
+    `normalise`: z (N, C, h, w) -> z^ = (z - mean) / (2 sqrt(var)), per-channel std 0.5.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("zmin", torch.tensor(-1.0))
+        self.register_buffer("zmax", torch.tensor(1.0))
+        self.register_buffer("ready", torch.tensor(False))
+
+    def _std2(self) -> torch.Tensor:
+        return (2.0 * self.var.sqrt())[None, :, None, None]
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean[None, :, None, None]) / self._std2()
+
+    def denormalise(self, zhat: torch.Tensor) -> torch.Tensor:
+        return zhat * self._std2() + self.mean[None, :, None, None]
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel bounds (1, C, 1, 1) of the normalised latent implied by the global min/max."""
+        m, s = self.mean[None, :, None, None], self._std2()
+        return (self.zmin - m) / s, (self.zmax - m) / s
+
+    @torch.no_grad()
+    def fit(self, sums: dict) -> None:
+        """Set the statistics from `accumulate`d sums: {"n", "s1" (C,), "s2" (C,), "min", "max"}."""
+        n = sums["n"]
+        mean = sums["s1"] / n
+        var = (sums["s2"] / n - mean**2).clamp(min=1e-12)
+        self.mean.copy_(mean.to(self.mean))
+        self.var.copy_(var.to(self.var))
+        self.zmin.fill_(float(sums["min"]))
+        self.zmax.fill_(float(sums["max"]))
+        self.ready.fill_(True)
+
+    @staticmethod
+    def accumulate(z: torch.Tensor, sums: dict | None) -> dict:
+        """Add one batch z (N, C, h, w) to float64 running sums (start with sums=None)."""
+        z64 = z.detach().double()
+        per_channel = z64.transpose(0, 1).flatten(1)
+        part = {
+            "n": torch.tensor(float(per_channel.shape[1]), dtype=torch.float64, device=z.device),
+            "s1": per_channel.sum(1),
+            "s2": (per_channel**2).sum(1),
+            "min": z64.min(),
+            "max": z64.max(),
+        }
+        if sums is None:
+            return part
+        return {
+            "n": sums["n"] + part["n"],
+            "s1": sums["s1"] + part["s1"],
+            "s2": sums["s2"] + part["s2"],
+            "min": torch.minimum(sums["min"], part["min"]),
+            "max": torch.maximum(sums["max"], part["max"]),
+        }
+
+
+def seeded_normal(
+    shape: Sequence[int], indices: Sequence[int], seed: int, device: torch.device | str, dtype=torch.float32
+) -> torch.Tensor:
+    """Standard normal noise (N, *shape) whose row i depends only on (seed, indices[i]).
+
+    Makes samples reproducible whatever the batch size or the number of processes.
+    """
+    rows = [
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        for i in indices
+    ]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+class IndexNoise:
+    """A `noise_fn` for the sampler: each call draws the next seeded noise per image index."""
+
+    def __init__(self, indices: Sequence[int], seed: int, device: torch.device | str):
+        self.indices, self.seed, self.device, self.calls = list(indices), seed, device, 0
+
+    def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
+        self.calls += 1
+        return seeded_normal(shape[1:], self.indices, self.seed * 7919 + self.calls, self.device)
+
+
+@torch.no_grad()
+def super_resolve(
+    flow: DegradationFlow,
+    lr: torch.Tensor,
+    steps: int,
+    unet: nn.Module | None = None,
+    diffusion: GaussianDiffusion | None = None,
+    stats: LatentStats | None = None,
+    eta: float = 1.0,
+    noise_fn=None,
+    spacing: str = "linspace",
+) -> torch.Tensor:
+    """GPSR sampling (Algorithm 3): lr (N, C, h, w) in [-1, 1] -> x (N, C, s*h, s*w) in about [-1, 1].
+
+    `steps` UNet evaluations in the normalised latent space, then one flow inverse.
+    steps = 0 is flow-only sampling: z ~ N(0, I) straight into the flow (Remark 3).
+    """
+    draw = noise_fn or (lambda s: torch.randn(s, device=lr.device))
+    coarse = ops.upsample_nearest(lr, flow.k)
+    shape = (lr.shape[0], *flow.latent_shape(*lr.shape[-2:]))
+    if steps == 0:
+        z = draw(shape).to(coarse.dtype)
+    else:
+        if unet is None or diffusion is None or stats is None:
+            raise ValueError("sampling with steps > 0 needs a UNet, a diffusion and latent statistics")
+        zhat = diffusion.sample(
+            unet, coarse, shape, steps=steps, eta=eta, clip=stats.bounds(), noise_fn=noise_fn,
+            spacing=spacing,
+        )
+        z = stats.denormalise(zhat)
+    return flow.inverse(coarse, z)

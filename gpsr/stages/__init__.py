@@ -1,0 +1,14 @@
+"""LightningModules of the two training stages."""
+
+from gpsr.stages.base import NonFiniteLossError, StageModule
+from gpsr.stages.ddpm import LatentDiffusionModule
+from gpsr.stages.flow import FlowModule, flow_from_checkpoint, flow_loss_terms
+
+__all__ = [
+    "FlowModule",
+    "LatentDiffusionModule",
+    "NonFiniteLossError",
+    "StageModule",
+    "flow_from_checkpoint",
+    "flow_loss_terms",
+]

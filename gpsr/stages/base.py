@@ -1,0 +1,97 @@
+"""What both training stages share: optimiser and schedule from config, gradient clipping,
+the non-finite loss guard, checkpoint metadata, and the image panel for loggers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+from gpsr.checkpoint import FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StageModule", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class StageModule(L.LightningModule):
+    """Base LightningModule of a gpsr stage.
+
+    Args:
+        optimizer: `functools.partial` of a torch optimiser (Hydra `_partial_: true`), completed
+            with the trainable parameters.
+        scheduler: optional partial of a torch LR scheduler, stepped every optimiser step.
+        grad_clip: gradient-norm clip (0 or None disables).
+        nonfinite: "raise" stops the run on a NaN / inf loss (the last good checkpoint is
+            kept); "skip" skips that step on every process.
+    """
+
+    stage: str = ""
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        grad_clip: float | None = None,
+        nonfinite: str = "raise",
+    ):
+        super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"stage.module.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
+        self.scheduler_factory = scheduler
+        self.grad_clip = grad_clip
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = self.grad_clip if gradient_clip_val is None else gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """Return the loss, or None to skip the step, or raise, when it is not finite anywhere."""
+        finite = bool(torch.isfinite(loss.detach()).item())
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return loss
+        step = self.global_step
+        if self.nonfinite == "skip":
+            self.skipped_steps += 1
+            log.warning("non-finite loss at step %d: step skipped (%d so far)", step, self.skipped_steps)
+            return None
+        raise NonFiniteLossError(
+            f"the {self.stage} loss became {loss.item()} at step {step}; the run stops here and "
+            f"its last good checkpoint is kept (lower the learning rate, or set "
+            f"stage.module.nonfinite=skip to skip such steps)"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def gpsr_metadata(self) -> dict[str, Any]:
+        return {"stage": self.stage, "scale": int(self.hparams["scale"]), "version": FORMAT_VERSION}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gpsr"] = self.gpsr_metadata()
+
+    # ------------------------------------------------------------------ validation panel
+    def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named image rows in [0, 1] for the sample grid, each (N, 3, H, W)."""
+        raise NotImplementedError

@@ -1,0 +1,180 @@
+"""LatentDiffusionModule: the latent DDPM (Algorithm 2) on top of a frozen, trained flow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
+
+from gpsr import ops
+from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.flow import DegradationFlow
+from gpsr.models.unet import UNet
+from gpsr.sampling import IndexNoise, LatentStats, super_resolve
+from gpsr.stages.base import StageModule
+from gpsr.stages.flow import flow_from_checkpoint
+
+__all__ = ["LatentDiffusionModule", "ema_avg_fn"]
+
+
+def ema_avg_fn(decay: float, warmup: bool = True):
+    """EMA update for `AveragedModel`; with warmup the decay is min(decay, (1+n)/(10+n))."""
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        return d * averaged + (1 - d) * current
+
+    return avg
+
+
+class LatentDiffusionModule(StageModule):
+    """Lightning wrapper of the latent DDPM stage.
+
+    Args:
+        flow_ckpt: path of a trained flow-stage checkpoint (required).
+        scale: SR factor; must match the flow checkpoint.
+        unet: UNet settings; in_channels must be 4C and out_channels 3C for C image channels.
+        diffusion: GaussianDiffusion settings (num_timesteps, schedule, time_scale).
+        ema_decay, ema_warmup: EMA of the UNet weights (torch.optim.swa_utils.AveragedModel).
+        val_steps, val_eta, val_seed: sampler used for validation (with the EMA weights).
+        panel_samples: samples per image for the uncertainty (std) row of the image panel.
+        optimizer, scheduler, grad_clip, nonfinite: see StageModule.
+    """
+
+    stage = "ddpm"
+
+    def __init__(
+        self,
+        flow_ckpt: str | None = None,
+        scale: int = 8,
+        unet: dict[str, Any] | None = None,
+        diffusion: dict[str, Any] | None = None,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        val_steps: int = 7,
+        val_eta: float = 1.0,
+        val_seed: int = 0,
+        panel_samples: int = 4,
+        optimizer=None,
+        scheduler=None,
+        grad_clip: float | None = 1.0,
+        nonfinite: str = "raise",
+        flow: dict[str, Any] | None = None,
+    ):
+        super().__init__(optimizer, scheduler, grad_clip, nonfinite)
+        if flow is None:  # training: read the trained flow
+            if not flow_ckpt:
+                raise ValueError(
+                    "stage=ddpm needs a trained flow: set flow_ckpt=<path to a flow-stage .ckpt>"
+                )
+            self.flow, flow_hp = flow_from_checkpoint(flow_ckpt, scale)
+            flow = dict(flow_hp.get("flow", {}))
+        else:  # rebuilding from a DDPM checkpoint, whose state_dict holds the flow weights
+            self.flow = DegradationFlow(scale=scale, **flow)
+        self.flow.requires_grad_(False).eval()
+        unet, diffusion = dict(unet or {}), dict(diffusion or {})
+        c = self.flow.channels
+        if unet.get("in_channels", 4 * c) != 4 * c or unet.get("out_channels", 3 * c) != 3 * c:
+            raise ValueError(
+                f"model.unet.in_channels / out_channels must be {4 * c} / {3 * c} for {c}-channel "
+                f"images (latent {3 * c} + coarse {c}), got {unet.get('in_channels')} / "
+                f"{unet.get('out_channels')}"
+            )
+        unet.update(in_channels=4 * c, out_channels=3 * c)
+        self.save_hyperparameters({
+            "flow_ckpt": flow_ckpt, "scale": scale, "flow": flow, "unet": unet,
+            "diffusion": diffusion, "ema_decay": ema_decay, "ema_warmup": ema_warmup,
+            "val_steps": val_steps, "val_eta": val_eta, "val_seed": val_seed,
+            "panel_samples": panel_samples,
+        })
+        self.unet = UNet(**unet)
+        self.ema = AveragedModel(self.unet, avg_fn=ema_avg_fn(ema_decay, ema_warmup))
+        self.ema.requires_grad_(False)
+        self.diffusion = GaussianDiffusion(**diffusion)
+        self.stats = LatentStats(3 * c)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.unet.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.flow.eval()  # frozen: always in inference mode
+        return self
+
+    # ------------------------------------------------------------------ latent statistics
+    @torch.no_grad()
+    def fit_latent_stats(self, loader) -> None:
+        """Per-channel mean / variance and global min / max of z over clean training images."""
+        sums = None
+        for batch in loader:
+            z = self.flow(batch["hr"].to(self.device))[1]
+            sums = LatentStats.accumulate(z, sums)
+        if dist.is_available() and dist.is_initialized():
+            for key in ("n", "s1", "s2"):
+                dist.all_reduce(sums[key], op=dist.ReduceOp.SUM)
+            dist.all_reduce(sums["min"], op=dist.ReduceOp.MIN)
+            dist.all_reduce(sums["max"], op=dist.ReduceOp.MAX)
+        self.stats.fit(sums)
+
+    def on_fit_start(self) -> None:
+        if not bool(self.stats.ready):
+            self.fit_latent_stats(self.trainer.datamodule.stats_dataloader())
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        x = ops.dequantize(batch["hr"])
+        with torch.no_grad():
+            coarse, z, _ = self.flow(x)
+            zhat = self.stats.normalise(z)
+        loss = self.guard_loss(self.diffusion.training_loss(self.unet, zhat, coarse))
+        if loss is None:
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        return loss
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        # Called once per optimiser step (after step, before zero_grad), so gradient
+        # accumulation does not update the EMA more often than the weights change.
+        if self.trainer.training:
+            self.ema.update_parameters(self.unet)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(
+        self, lr: torch.Tensor, indices, steps: int | None = None, eta: float | None = None, seed: int | None = None
+    ) -> torch.Tensor:
+        """EMA-weight GPSR samples: lr (N, C, h, w) in [-1, 1] -> (N, C, sh, sw) in [0, 1]."""
+        steps = self.hparams["val_steps"] if steps is None else steps
+        eta = self.hparams["val_eta"] if eta is None else eta
+        noise = IndexNoise(indices, self.hparams["val_seed"] if seed is None else seed, lr.device)
+        x = super_resolve(
+            self.flow, lr, steps, unet=self.ema.module, diffusion=self.diffusion, stats=self.stats,
+            eta=eta, noise_fn=noise,
+        )
+        return ops.to_unit(x).clamp(0, 1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        sr = self.sample(batch["lr"], batch["index"].tolist())
+        return {"hr": ops.to_unit(batch["hr"]), "lr": ops.to_unit(batch["lr"]), "sr": {"gpsr": sr}}
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        return self.validation_step(batch, batch_idx)
+
+    @torch.no_grad()
+    def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lr, hr = batch["lr"], ops.to_unit(batch["hr"])
+        idx = batch["index"].tolist()
+        samples = torch.stack([
+            self.sample(lr, idx, seed=self.hparams["val_seed"] + k)
+            for k in range(max(1, self.hparams["panel_samples"]))
+        ])
+        std = samples.std(0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
+        return {
+            "LR": ops.to_unit(ops.upsample_nearest(lr, self.flow.scale)).clamp(0, 1),
+            f"GPSR {self.hparams['val_steps']}+1": samples[0],
+            "HR": hr,
+            "|error| x4": ((samples[0] - hr).abs() * 4).clamp(0, 1),
+            "std x8": (std * 8).clamp(0, 1),
+        }

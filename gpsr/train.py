@@ -1,0 +1,98 @@
+"""Train one stage: `python -m gpsr.train stage=flow` or `stage=ddpm flow_ckpt=...`.
+
+Builds the datamodule, stage module, callbacks, loggers and trainer from the Hydra config,
+fits (resuming from `ckpt_path`), tests, and writes `metrics.json` under the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gpsr.checkpoint import find_last_checkpoint
+from gpsr.cli import CONFIG_DIR, check_output_dir, report_errors
+
+log = logging.getLogger("gpsr.train")
+
+__all__ = ["train", "main"]
+
+STAGES = ("flow", "ddpm")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """"auto" -> the last checkpoint of this run folder (None when there is none yet)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "auto":
+        found = find_last_checkpoint(output_dir)
+        log.info("resume=auto: %s", found or "no checkpoint yet, starting fresh")
+        return str(found) if found else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        v = float(v.item() if isinstance(v, torch.Tensor) else v)
+        out[k] = v if math.isfinite(v) else None
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) one stage as configured; returns the final validation/test metrics."""
+    if cfg.stage.name not in STAGES:
+        raise ValueError(f"unknown stage={cfg.stage.name!r}; use stage=flow or stage=ddpm")
+    output_dir = Path(cfg.paths.output_dir)
+    check_output_dir(output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.stage.module)
+    n_params = sum(p.numel() for p in module.parameters())
+    # last.ckpt plus one periodic checkpoint: weights and two Adam moments each, twice over.
+    check_output_dir(output_dir, need_bytes=2 * 3 * 4 * n_params + 2**20)
+    log.info("stage=%s: %s parameters (%s trainable)", cfg.stage.name, f"{n_params:,}",
+             f"{sum(p.numel() for p in module.trainable_parameters()):,}")
+
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = _plain(trainer.callback_metrics)
+    if cfg.test_after_fit and trainer.state.status == "finished":
+        test = trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics.update(_plain(test[0]) if test else {})
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    if key and HydraConfig.initialized():
+        return metrics.get(key)
+    return None
+
+
+if __name__ == "__main__":
+    main()
