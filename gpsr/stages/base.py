@@ -14,7 +14,20 @@ from gpsr.checkpoint import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageModule", "NonFiniteLossError"]
+__all__ = ["StageModule", "NonFiniteLossError", "plain"]
+
+
+def plain(obj: Any) -> Any:
+    """OmegaConf containers -> plain dicts / lists (checkpoints must load with weights_only)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -13,7 +13,7 @@ from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.sampling import IndexNoise, LatentStats, super_resolve
-from gpsr.stages.base import StageModule
+from gpsr.stages.base import StageModule, plain
 from gpsr.stages.flow import flow_from_checkpoint
 
 __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
@@ -73,9 +73,10 @@ class LatentDiffusionModule(StageModule):
             self.flow, flow_hp = flow_from_checkpoint(flow_ckpt, scale)
             flow = dict(flow_hp.get("flow", {}))
         else:  # rebuilding from a DDPM checkpoint, whose state_dict holds the flow weights
+            flow = plain(dict(flow))
             self.flow = DegradationFlow(scale=scale, **flow)
         self.flow.requires_grad_(False).eval()
-        unet, diffusion = dict(unet or {}), dict(diffusion or {})
+        unet, diffusion = plain(dict(unet or {})), plain(dict(diffusion or {}))
         c = self.flow.channels
         if unet.get("in_channels", 4 * c) != 4 * c or unet.get("out_channels", 3 * c) != 3 * c:
             raise ValueError(

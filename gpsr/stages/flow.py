@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 from gpsr import ops
 from gpsr.models.flow import DegradationFlow
 from gpsr.sampling import IndexNoise, super_resolve
-from gpsr.stages.base import StageModule
+from gpsr.stages.base import StageModule, plain
 
 __all__ = ["FlowModule", "flow_loss_terms"]
 
@@ -71,7 +71,7 @@ class FlowModule(StageModule):
         nonfinite: str = "raise",
     ):
         super().__init__(optimizer, scheduler, grad_clip, nonfinite)
-        flow = dict(flow or {})
+        flow = plain(dict(flow or {}))
         self.save_hyperparameters({"scale": scale, "flow": flow, "sigma": sigma, "val_seed": val_seed})
         self.flow = DegradationFlow(scale=scale, **flow)
         self.sigma = sigma

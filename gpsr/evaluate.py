@@ -1,0 +1,217 @@
+"""Table 1 evaluation: `python -m gpsr.evaluate ckpt=... [data=celebahq data.root=...]`.
+
+Evaluates GPSR and the baselines that need no training (bicubic upsampling, the linear
+pseudoinverse of Remark 1, flow-only sampling) on the same images, and writes
+`metrics.json`, `metrics.md` and an image panel to the run folder. With `-m
+sampler.steps=1,2,4,7` each NFE count is one job; `gpsr.report` gathers them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+from tqdm import tqdm
+
+from gpsr import ops
+from gpsr.callbacks import to_uint8_grid
+from gpsr.cli import CONFIG_DIR, check_output_dir, report_errors
+from gpsr.inference import GPSR
+from gpsr.metrics import SRMetrics
+
+log = logging.getLogger("gpsr.evaluate")
+
+__all__ = ["evaluate", "markdown_table", "main"]
+
+Method = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]:
+    """name -> (fn(lr01 (N,C,h,w), indices) -> sr01 (N,C,H,W) or (N,K,C,H,W), NFE label)."""
+    s, sampler = model.scale, cfg.sampler
+    methods: dict[str, tuple[Method, str]] = {}
+    if "bicubic" in cfg.baselines:
+        methods["bicubic"] = (lambda lr, idx: ops.upsample_bicubic(lr, s).clamp(0, 1), "0")
+    if "pseudoinverse" in cfg.baselines:
+        methods["pseudoinverse"] = (lambda lr, idx: ops.pseudoinverse(lr, s).clamp(0, 1), "0")
+    if "flow" in cfg.baselines or model.unet is None:
+        methods["flow"] = (
+            lambda lr, idx: model.super_resolve(lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx),
+            "0+1",
+        )
+    if model.unet is not None and sampler.steps > 0:
+        methods["gpsr"] = (
+            lambda lr, idx: model.super_resolve(
+                lr, steps=sampler.steps, eta=sampler.eta, samples=sampler.samples, seed=cfg.seed, indices=idx
+            ),
+            f"{sampler.steps}+1",
+        )
+    return methods
+
+
+def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
+    """A Table 1-style Markdown table of per-method results."""
+    lines = [
+        "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) | s / image |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        lines.append(
+            f"| {name} | {m['nfe']} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
+            f"{m['consistency']:.4g} | {m['seconds_per_image']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the Table 1 protocol over a whole split; returns what `metrics.json` holds."""
+    output_dir = check_output_dir(cfg.paths.output_dir)
+    device = pick_device(cfg.device)
+    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema)
+    with open_dict(cfg):
+        if cfg.scale is None:
+            cfg.scale = model.scale
+    if cfg.scale != model.scale:
+        raise ValueError(f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}")
+    datamodule = instantiate(cfg.data)
+    loader = datamodule.eval_dataloader(cfg.split)
+    methods = build_methods(model, cfg)
+    proj_base = ("gpsr" if "gpsr" in methods else "flow") if cfg.sampler.project else None
+    names = list(methods) + ([f"{proj_base}_projected"] if proj_base else [])
+    metrics = {name: SRMetrics(model.scale).to(device) for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    proj_iters: list[torch.Tensor] = []
+    n_images, panel = 0, None
+    limit = cfg.limit_batches
+    for b, batch in enumerate(tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress)):
+        if limit is not None and b >= limit:
+            break
+        hr = ops.to_unit(batch["hr"].to(device))
+        lr = ops.to_unit(batch["lr"].to(device))
+        idx = batch["index"].tolist()
+        n_images += hr.shape[0]
+        outputs = {}
+        for name, (fn, _) in methods.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(lr, idx)
+            _sync(device)
+            seconds[name] += time.perf_counter() - t0
+            outputs[name] = out
+        if proj_base:
+            out = outputs[proj_base]
+            flat = out.flatten(0, 1) if out.dim() == 5 else out
+            lr_rep = lr.repeat_interleave(out.shape[1], 0) if out.dim() == 5 else lr
+            t0 = time.perf_counter()
+            proj, iters = ops.project_consistent_box(flat, lr_rep, model.scale)
+            _sync(device)
+            seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
+            proj_iters.append(iters)
+            outputs[f"{proj_base}_projected"] = proj.reshape(out.shape)
+        for name, out in outputs.items():
+            samples = out.unbind(1) if out.dim() == 5 else [out]
+            for sr in samples:
+                metrics[name].update(sr, hr, lr)
+        if panel is None:
+            panel = {"LR": ops.upsample_nearest(lr, model.scale)}
+            for name, out in outputs.items():
+                panel[name] = out[:, 0] if out.dim() == 5 else out
+            panel["HR"] = hr
+            last = next(reversed(outputs))
+            sr0 = panel[last]
+            panel["|error| x4"] = ((sr0 - hr).abs() * 4).clamp(0, 1)
+            if outputs[last].dim() == 5:
+                panel["std x8"] = (outputs[last].std(1) * 8).clamp(0, 1)
+    if n_images == 0:
+        raise ValueError(f"the {cfg.split} split gave no images to evaluate")
+    nfe = {name: label for name, (_, label) in methods.items()}
+    results: dict[str, dict[str, Any]] = {}
+    for name, metric in metrics.items():
+        base = name.removesuffix("_projected")
+        results[name] = {
+            **metric.compute(),
+            "seconds_per_image": seconds[name] / n_images
+            + (seconds[base] / n_images if name != base else 0.0),
+            "nfe": nfe[base],
+        }
+        if name != base:
+            its = torch.cat(proj_iters).float()
+            results[name]["projection_iterations"] = {"mean": its.mean().item(), "max": int(its.max())}
+    summary = {
+        "ckpt": str(cfg.ckpt),
+        "split": cfg.split,
+        "images": n_images,
+        "samples_per_image": cfg.sampler.samples,
+        "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+        "seed": cfg.seed,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "methods": results,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    table = markdown_table(results)
+    note = ""
+    if proj_iters:
+        its = torch.cat(proj_iters).float()
+        note = (
+            f"\nProjection: alternating the consistency projection and clamping to [0, 1] took "
+            f"{its.mean().item():.1f} iterations per image on average (at most {int(its.max())}).\n"
+        )
+    (output_dir / "metrics.md").write_text(
+        f"# Evaluation of `{cfg.ckpt}`\n\n{n_images} images ({cfg.split} split), "
+        f"{cfg.sampler.samples} sample(s) each, eta={cfg.sampler.eta}, seed={cfg.seed}.\n\n{table}{note}"
+    )
+    if panel is not None:
+        Image.fromarray(to_uint8_grid(panel, max_images=8)).save(output_dir / "panel.png")
+    log.info("\n%s", table)
+    _log_to_loggers(cfg, summary, output_dir)
+    return summary
+
+
+def _log_to_loggers(cfg: DictConfig, summary: dict[str, Any], output_dir: Path) -> None:
+    """Send the evaluation to the configured loggers (e.g. one W&B run per sweep job)."""
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:
+        return
+    flat = {f"eval/{m}/{k}": v for m, vals in summary["methods"].items() for k, v in vals.items()
+            if isinstance(v, (int, float))}
+    flat["eval/steps"] = cfg.sampler.steps
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(flat, step=0)
+        if hasattr(lg, "log_image") and (output_dir / "panel.png").is_file():
+            lg.log_image("eval/panel", [np.asarray(Image.open(output_dir / "panel.png"))], step=0)
+        lg.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    summary = evaluate(cfg)
+    best = summary["methods"].get("gpsr") or summary["methods"].get("flow")
+    return best["psnr"] if best else None
+
+
+if __name__ == "__main__":
+    main()

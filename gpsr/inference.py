@@ -1,0 +1,120 @@
+"""One object for inference: a trained GPSR model (flow, EMA UNet, latent statistics)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpsr import ops
+from gpsr.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
+from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.flow import DegradationFlow
+from gpsr.models.unet import UNet
+from gpsr.sampling import IndexNoise, LatentStats, super_resolve
+
+__all__ = ["GPSR"]
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+class GPSR(nn.Module):
+    """A trained generative pseudoinverse: `super_resolve(lr)` gives consistent SR samples.
+
+    Build with `GPSR.load(ckpt)` from a DDPM-stage checkpoint (the flow is inside it), or from
+    a flow-stage checkpoint for flow-only sampling (`steps=0`).
+    """
+
+    def __init__(
+        self,
+        flow: DegradationFlow,
+        unet: nn.Module | None = None,
+        diffusion: GaussianDiffusion | None = None,
+        stats: LatentStats | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.flow = flow.eval()
+        self.unet = unet.eval() if unet is not None else None
+        self.diffusion = diffusion
+        self.stats = stats
+        self.config = dict(config or {})
+
+    @property
+    def scale(self) -> int:
+        return self.flow.scale
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.flow.parameters()).device
+
+    @classmethod
+    def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> GPSR:
+        """Load a gpsr checkpoint (weights_only=True). `ema=False` takes the raw UNet weights."""
+        data = load_checkpoint(ckpt)
+        meta = check_gpsr_checkpoint(data, ckpt)
+        hp = data.get("hyper_parameters", {})
+        state = data["state_dict"]
+        flow = DegradationFlow(scale=int(hp["scale"]), **hp.get("flow", {}))
+        try:
+            flow.load_state_dict(_sub_state(state, "flow."))
+            if meta["stage"] == "flow":
+                return cls(flow, config={"stage": "flow", **hp}).to(device)
+            unet = UNet(**hp["unet"])
+            unet.load_state_dict(_sub_state(state, "ema.module." if ema else "unet."))
+            stats = LatentStats(3 * flow.channels)
+            stats.load_state_dict(_sub_state(state, "stats."))
+        except (RuntimeError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {ckpt}: weights do not match its settings ({err})") from err
+        if not bool(stats.ready):
+            raise CheckpointError(f"checkpoint {ckpt}: latent statistics were never computed")
+        diffusion = GaussianDiffusion(**hp.get("diffusion", {}))
+        return cls(flow, unet, diffusion, stats, config={"stage": "ddpm", **hp}).to(device)
+
+    @torch.no_grad()
+    def super_resolve(
+        self,
+        lr: torch.Tensor,
+        steps: int = 7,
+        eta: float = 1.0,
+        samples: int = 1,
+        project: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        indices: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Super-resolve LR images.
+
+        lr: (N, C, h, w) float in [0, 1] (not rounded), on any device.
+        steps: UNet evaluations (7 in the paper; 0 = flow-only sampling).
+        samples: K samples per image. project: apply the consistency projection (in the [0, 1]
+        box, see `ops.project_consistent_box`) after decoding.
+        generator / seed + indices: randomness; `seed` with `indices` makes each image's
+        samples independent of batching.
+        Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
+        """
+        if lr.dim() != 4 or lr.shape[1] != self.flow.channels:
+            raise ValueError(f"lr must be (N, {self.flow.channels}, h, w) in [0, 1], got {tuple(lr.shape)}")
+        if steps > 0 and self.unet is None:
+            raise ValueError("this checkpoint has no diffusion model (flow stage): use steps=0")
+        lr = lr.to(self.device, torch.float32)
+        y = ops.to_signed(lr)
+        outs = []
+        for k in range(samples):
+            if seed is not None:
+                ids = indices if indices is not None else list(range(lr.shape[0]))
+                noise = IndexNoise(ids, seed + k, self.device)
+            elif generator is not None:
+                noise = lambda shape: torch.randn(shape, generator=generator, device=generator.device).to(self.device)  # noqa: E731
+            else:
+                noise = None
+            x = super_resolve(self.flow, y, steps, self.unet, self.diffusion, self.stats, eta=eta, noise_fn=noise)
+            x = ops.to_unit(x)
+            if project:
+                x, _ = ops.project_consistent_box(x, lr, self.scale)
+            outs.append(x.clamp(0, 1))
+        return outs[0] if samples == 1 else torch.stack(outs, dim=1)

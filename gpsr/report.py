@@ -1,0 +1,119 @@
+"""Gather an NFE sweep into one table and one plot: `python -m gpsr.report <sweep dir>`.
+
+Reads every `*/metrics.json` written by `gpsr.evaluate` jobs under the folder and writes
+`report.md`, `report.json` and `report.png` (PSNR, SSIM and consistency against NFEs) there.
+Also runs by itself at the end of an evaluation multirun (a Hydra callback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("gpsr.report")
+
+__all__ = ["collect", "write_report", "SweepReportCallback", "main"]
+
+
+def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per (job, method): steps, NFE label, PSNR, SSIM, consistency, seconds/image."""
+    rows = []
+    for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
+        data = json.loads(path.read_text())
+        if "methods" not in data:
+            continue
+        steps = data["sampler"]["steps"]
+        for method, m in data["methods"].items():
+            rows.append({
+                "job": path.parent.name, "method": method, "steps": steps, "nfe": m["nfe"],
+                "psnr": m["psnr"], "ssim": m["ssim"], "consistency": m["consistency"],
+                "seconds_per_image": m["seconds_per_image"],
+                "projection_iterations": m.get("projection_iterations"),
+            })
+    return rows
+
+
+def write_report(sweep_dir: str | Path) -> Path:
+    """Write report.md / report.json / report.png into `sweep_dir`; returns the Markdown path."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"no evaluation results (*/metrics.json) under {sweep_dir}")
+    sampled = sorted((r for r in rows if r["method"].startswith("gpsr")), key=lambda r: (r["method"], r["steps"]))
+    # Training-free baselines do not depend on the step count: report them once.
+    fixed = {r["method"]: r for r in rows if not r["method"].startswith("gpsr")}
+    lines = [
+        "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) | s / image |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in list(fixed.values()) + sampled:
+        lines.append(
+            f"| {r['method']} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+            f"{r['consistency']:.4g} | {r['seconds_per_image']:.4f} |"
+        )
+    md = sweep_dir / "report.md"
+    md.write_text("# NFE sweep\n\n" + "\n".join(lines) + "\n\n![trade-off](report.png)\n")
+    (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2))
+    _plot(sampled, fixed, sweep_dir / "report.png")
+    log.info("report written to %s", md)
+    return md
+
+
+def _plot(sampled: list[dict], fixed: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    keys = [("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("consistency", "consistency (x1e-5 MSE)")]
+    for ax, (key, label) in zip(axes, keys):
+        for method in sorted({r["method"] for r in sampled}):
+            pts = [r for r in sampled if r["method"] == method]
+            ax.plot([r["steps"] + 1 for r in pts], [r[key] for r in pts], "o-", label=method)
+        for name, r in fixed.items():
+            ax.axhline(r[key], ls="--", lw=1, color="gray" if name != "flow" else "tab:green", label=name)
+        ax.set_xscale("log")
+        if key == "consistency":
+            ax.set_yscale("log")
+        ax.set_xlabel("NFEs (UNet steps + 1 flow inverse)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("GPSR: quality and consistency against the number of network evaluations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class SweepReportCallback(Callback):
+    """Hydra callback: write the report into the sweep folder when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        try:
+            write_report(config.hydra.sweep.dir)
+        except FileNotFoundError as err:
+            log.warning("no sweep report: %s", err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpsr.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="folder of an evaluation multirun (holds 0/, 1/, ...)")
+    args = parser.parse_args(argv)
+    try:
+        md = write_report(args.sweep_dir)
+    except FileNotFoundError as err:
+        print(f"gpsr: error: {err}", file=sys.stderr)
+        return 1
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
