@@ -143,35 +143,87 @@ def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Te
     return x + pseudoinverse(y - degrade(x, scale), scale)
 
 
+def _batched_cg(matvec, b: torch.Tensor, iters: int, rtol: float = 1e-13) -> torch.Tensor:
+    """Conjugate gradients for independent SPD systems, one per (..., h, w) slice of b."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum((-2, -1), keepdim=True)
+    stop = (rtol**2) * rs.clamp(min=1e-300)
+    for _ in range(iters):
+        ap = matvec(p)
+        pap = (p * ap).sum((-2, -1), keepdim=True)
+        alpha = torch.where(pap > 0, rs / pap.clamp(min=1e-300), torch.zeros_like(pap))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum((-2, -1), keepdim=True)
+        if bool((rs_new <= stop).all()):
+            break
+        p = r + torch.where(rs > 0, rs_new / rs.clamp(min=1e-300), torch.zeros_like(rs)) * p
+        rs = rs_new
+    return x
+
+
 def project_consistent_box(
     x: torch.Tensor,
     y: torch.Tensor,
     scale: int,
     low: float = 0.0,
     high: float = 1.0,
-    tol: float = 1e-12,
-    max_iter: int = 2000,
+    tol: float = 1e-13,
+    max_iter: int = 50,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternate the consistency projection and clamping to [low, high] until both hold.
+    """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
-    Both sets are convex and contain the ground truth, so alternating projections converge
-    to a point of their intersection. Each image stops once, after clamping, its consistency
-    `mean((D_s(x') - y)^2)` is at most `tol`. Computed in float64; the result always lies in
-    the box. x: (N, C, H, W), y: (N, C, H/s, W/s) in the same units ->
-    (x' (N, C, H, W) in [low, high], iterations used per image (N,) long).
+    The Euclidean projection onto {D_s x = y} intersected with the box has the form
+    `x' = clamp(x + D_s^T lam)` with `D_s x' = y`; lam is found by a damped semi-smooth
+    Newton method whose linear systems `D M D^T` (M: unclamped pixels) are solved by conjugate
+    gradients on the separable operator. Every iterate lies in the box; an image stops once
+    its consistency `mean((D_s(x') - y)^2)` is at most `tol`. Computed in float64.
+    x: (N, C, H, W), y: (N, C, H/s, W/s), same units, y reachable inside the box ->
+    (x' (N, C, H, W) in [low, high], Newton iterations per image (N,) long).
     """
-    x64, y64 = x.double().clone(), y.double()
-    iters = torch.zeros(x.shape[0], dtype=torch.long)
-    active = torch.arange(x.shape[0], device=x.device)
-    for it in range(1, max_iter + 1):
-        xa = project_consistent(x64[active], y64[active], scale).clamp(low, high)
-        x64[active] = xa
-        iters[active.cpu()] = it
-        err = ((degrade(xa, scale) - y64[active]) ** 2).flatten(1).mean(1)
-        active = active[err > tol]
-        if active.numel() == 0:
+    n = x.shape[0]
+    x64, y64 = x.double(), y.double()
+    ah = degradation_matrix(x.shape[-2], scale, torch.float64, x.device)
+    aw = degradation_matrix(x.shape[-1], scale, torch.float64, x.device)
+    ridge = 1e-10 * float((ah @ ah.T).diagonal().mean() * (aw @ aw.T).diagonal().mean())
+
+    def lift(lam: torch.Tensor) -> torch.Tensor:  # D^T: (.., h, w) -> (.., H, W)
+        return ah.T @ lam @ aw
+
+    def state(lam: torch.Tensor):
+        z = x64 + lift(lam)
+        xp = z.clamp(low, high)
+        r = y64 - ah @ xp @ aw.T
+        return z, xp, r, (r**2).flatten(1).mean(1)
+
+    lam = torch.zeros_like(y64)
+    z, xp, r, err = state(lam)
+    iters = torch.zeros(n, dtype=torch.long)
+    for _ in range(max_iter):
+        active = err > tol
+        if not bool(active.any()):
             break
-    return x64.clamp(low, high).to(x.dtype), iters
+        iters[active.cpu()] += 1
+        # Pixels on a bound count as free: a valid element of the generalised Jacobian.
+        mask = ((z >= low) & (z <= high)).double()
+        delta = _batched_cg(lambda v: ah @ (mask * lift(v)) @ aw.T + ridge * v, r, iters=500)
+        step = torch.ones(n, 1, 1, 1, dtype=torch.float64, device=x.device)
+        accepted = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for _ in range(30):  # backtracking, per image
+            cand = lam + step * delta
+            z_c, xp_c, r_c, err_c = state(cand)
+            better = active & ~accepted & (err_c < err)
+            lam = torch.where(better[:, None, None, None], cand, lam)
+            accepted |= better
+            if bool((accepted | ~active).all()):
+                break
+            step = torch.where(accepted[:, None, None, None], step, step * 0.5)
+        z, xp, r, err = state(lam)
+        if not bool(accepted[active].any()):
+            break  # no image can improve further in float64
+    return xp.to(x.dtype), iters
 
 
 def haar2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

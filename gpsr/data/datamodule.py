@@ -87,7 +87,7 @@ class ImageDataset(Dataset):
                 return load_image(path, self.size)
             except ImageFileError as err:
                 if not self.skip_corrupt:
-                    raise
+                    raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
                 log.warning("skipping %s", err)
         raise ImageFileError("no decodable image left in this split")
 
@@ -181,7 +181,7 @@ class GPSRDataModule(L.LightningDataModule):
                 out.append(load_image(path, self.size))
             except ImageFileError as err:
                 if not self.skip_corrupt:
-                    raise
+                    raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
                 log.warning("skipping %s", err)
         if not out:
             raise ImageFileError("data.cache: no decodable images")

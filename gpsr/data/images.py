@@ -83,9 +83,7 @@ def decode_rgb(path: Path) -> torch.Tensor:
     except ImageFileError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageFileError(
-            f"{path}: cannot be decoded ({err}); remove it or set data.skip_corrupt=true"
-        ) from err
+        raise ImageFileError(f"{path}: cannot be decoded ({err})") from err
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 

@@ -1,0 +1,188 @@
+"""Training stages: losses fall, the flow stays frozen, checkpoints round-trip, bad inputs."""
+
+import functools
+import hashlib
+
+import lightning as L
+import pytest
+import torch
+
+from gpsr import ops
+from gpsr.checkpoint import CheckpointError, load_checkpoint
+from gpsr.data import GPSRDataModule
+from gpsr.inference import GPSR
+from gpsr.stages import FlowModule, LatentDiffusionModule, NonFiniteLossError, flow_loss_terms
+from gpsr.stages.ddpm import ema_avg_fn
+
+SMALL_FLOW = {"num_blocks": 2, "num_convs": 3, "growth": 8}
+SMALL_UNET = {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+              "attention_resolutions": [8], "image_size": 16, "num_heads": 2, "dropout": 0.0}
+
+
+def _trainer(steps: int) -> L.Trainer:
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                     enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+
+
+def _dm() -> GPSRDataModule:
+    return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64, val_fraction=0.25,
+                          test_fraction=0.0)
+
+
+def _fixed_batch(dm):
+    ds = dm.dataset("val")
+    return torch.stack([ds[i]["hr"] for i in range(8)])
+
+
+def test_flow_training_lowers_loss_and_coarse_fit():
+    torch.manual_seed(0)
+    dm = _dm()
+    module = FlowModule(scale=8, flow=SMALL_FLOW, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3))
+    hr = _fixed_batch(dm)
+    x = ops.dequantize(hr, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = flow_loss_terms(module.flow, x, module.sigma)
+    _trainer(100).fit(module, datamodule=dm)
+    with torch.no_grad():
+        after = flow_loss_terms(module.flow, x, module.sigma)
+    assert after["loss"] < 0.6 * before["loss"]
+    assert after["coarse"] < 0.6 * before["coarse"]
+
+
+def _state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_ddpm_training_lowers_loss_and_keeps_flow_unchanged(flow_ckpt):
+    torch.manual_seed(0)
+    dm = _dm()
+    module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET,
+                                   optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    flow_hash = _state_hash(module.flow)
+    ckpt_flow = {k[5:]: v for k, v in load_checkpoint(flow_ckpt)["state_dict"].items() if k.startswith("flow.")}
+    assert all(torch.equal(ckpt_flow[k], v) for k, v in module.flow.state_dict().items())
+    hr = _fixed_batch(dm)
+    module.fit_latent_stats([{"hr": hr}])
+
+    def eval_loss():
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            c, z, _ = module.flow(hr)
+            zhat = module.stats.normalise(z)
+            t = torch.randint(0, 1000, (64,), generator=g)
+            noise = torch.randn((64, *zhat.shape[1:]), generator=g)
+            return module.diffusion.training_loss(
+                module.unet.eval(), zhat.repeat(8, 1, 1, 1), c.repeat(8, 1, 1, 1), t, noise).item()
+
+    module.stats.ready.fill_(False)  # recomputed over the training split by on_fit_start
+    before = eval_loss()
+    _trainer(40).fit(module, datamodule=dm)
+    assert bool(module.stats.ready)
+    assert eval_loss() < 0.8 * before
+    assert _state_hash(module.flow) == flow_hash
+    # The EMA moved away from its initial copy but not all the way to the raw weights.
+    assert int(module.ema.n_averaged) == 40
+
+
+def test_latent_statistics_normalise_training_latents(flow_ckpt):
+    module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
+    dm = _dm()
+    module.fit_latent_stats(dm.stats_dataloader())
+    zs = torch.cat([module.flow(b["hr"])[1] for b in dm.stats_dataloader()])
+    zhat = module.stats.normalise(zs)
+    assert torch.allclose(zhat.mean((0, 2, 3)), torch.zeros(9), atol=1e-4)
+    assert torch.allclose(zhat.std((0, 2, 3)), torch.full((9,), 0.5), atol=1e-3)
+    lo, hi = module.stats.bounds()
+    assert (zhat >= lo - 1e-6).all() and (zhat <= hi + 1e-6).all()
+    assert torch.allclose(module.stats.denormalise(zhat), zs, atol=1e-5)
+
+
+def test_ema_warmup_and_decay():
+    avg = ema_avg_fn(0.9999, warmup=True)
+    a, c = torch.zeros(1), torch.ones(1)
+    assert avg(a, c, torch.tensor(0)).item() == pytest.approx(1 - 0.1)
+    assert ema_avg_fn(0.9, warmup=False)(a, c, torch.tensor(10**6)).item() == pytest.approx(0.1)
+
+
+def test_ddpm_refuses_bad_flow_checkpoints(tmp_path, flow_ckpt, ddpm_ckpt):
+    with pytest.raises(ValueError, match="set flow_ckpt="):
+        LatentDiffusionModule(flow_ckpt=None, scale=8, unet=SMALL_UNET)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LatentDiffusionModule(flow_ckpt=str(tmp_path / "nope.ckpt"), scale=8, unet=SMALL_UNET)
+    with pytest.raises(CheckpointError, match="is a 'ddpm' checkpoint, but a 'flow' checkpoint"):
+        LatentDiffusionModule(flow_ckpt=str(ddpm_ckpt), scale=8, unet=SMALL_UNET)
+    with pytest.raises(CheckpointError, match="trained for scale 8, but this run uses scale=4"):
+        LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=4, unet=SMALL_UNET)
+    bad_unet = dict(SMALL_UNET, in_channels=9)
+    with pytest.raises(ValueError, match="in_channels / out_channels must be 12 / 9"):
+        LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=bad_unet)
+
+
+def test_tampered_and_truncated_checkpoints(tmp_path, flow_ckpt):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"gpsr": {"stage": "flow"}, "payload": Evil()}, evil)
+    with pytest.raises(CheckpointError, match="refused by the safe loader"):
+        GPSR.load(evil)
+    data = flow_ckpt.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        GPSR.load(cut)
+    notgpsr = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, notgpsr)
+    with pytest.raises(CheckpointError, match="not a gpsr checkpoint"):
+        GPSR.load(notgpsr)
+    assert pickle  # the pickle module is what the safe loader guards against
+
+
+def test_inference_object(ddpm_ckpt, flow_ckpt):
+    model = GPSR.load(ddpm_ckpt)
+    dm = _dm()
+    batch = next(iter(dm.eval_dataloader("val")))
+    lr01 = ops.to_unit(batch["lr"][:3])
+    out = model.super_resolve(lr01, steps=3, seed=0)
+    assert out.shape == (3, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+    again = model.super_resolve(lr01, steps=3, seed=0)
+    assert torch.equal(out, again)
+    # Per-image seeding: the same image gives the same sample in any batch position.
+    solo = model.super_resolve(lr01[1:2], steps=3, seed=0, indices=[1])
+    assert torch.allclose(solo[0], out[1], atol=1e-5)
+    many = model.super_resolve(lr01, steps=2, samples=4, eta=1.0, seed=0)
+    assert many.shape == (3, 4, 3, 32, 32) and many.std(1).mean() > 0
+    proj = model.super_resolve(lr01, steps=2, project=True, seed=0)
+    cons = ((ops.degrade(proj.double(), 8) - lr01.double()) ** 2).flatten(1).mean(1)
+    assert (cons < 1e-9).all() and proj.min() >= 0 and proj.max() <= 1
+    g = torch.Generator().manual_seed(3)
+    assert model.super_resolve(lr01, steps=2, generator=g).shape == (3, 3, 32, 32)
+    flow_only = GPSR.load(flow_ckpt)
+    assert flow_only.super_resolve(lr01, steps=0).shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="use steps=0"):
+        flow_only.super_resolve(lr01, steps=7)
+
+
+def test_nonfinite_loss_stops_or_skips():
+    dm = _dm()
+
+    class Exploding(FlowModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if loss is not None and batch_idx == 2:
+                return self.guard_loss(loss * float("nan"))
+            return loss
+
+    with pytest.raises(NonFiniteLossError, match="became nan at step 2.*nonfinite=skip"):
+        _trainer(5).fit(Exploding(scale=8, flow=SMALL_FLOW), datamodule=dm)
+    module = Exploding(scale=8, flow=SMALL_FLOW, nonfinite="skip")
+    _trainer(5).fit(module, datamodule=dm)
+    assert module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
