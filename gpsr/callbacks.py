@@ -51,7 +51,9 @@ class SRMetricsCallback(Callback):
                 pl_module.log(key, value, sync_dist=False)
             metric.reset()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ):
         self._update(pl_module, outputs)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -67,7 +69,9 @@ class SRMetricsCallback(Callback):
 def to_uint8_grid(rows: dict[str, torch.Tensor], max_images: int = 8) -> np.ndarray:
     """Rows of images (N, 3, H, W) in [0, 1] -> one (H', W', 3) uint8 grid, a column per row."""
     n = min(max_images, min(r.shape[0] for r in rows.values()))
-    tiles = torch.stack([r[:n].detach().float().cpu() for r in rows.values()], dim=1)  # (n, R, 3, H, W)
+    tiles = torch.stack(
+        [r[:n].detach().float().cpu() for r in rows.values()], dim=1
+    )  # (n, R, 3, H, W)
     grid = make_grid(tiles.flatten(0, 1), nrow=len(rows), padding=2, pad_value=1.0)
     return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
@@ -99,5 +103,7 @@ class ImagePanelCallback(Callback):
             if log_image is not None:  # WandbLogger
                 log_image("val/panel", [grid], step=trainer.global_step, caption=[caption])
             elif hasattr(logger, "experiment") and hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("val/panel", grid, trainer.global_step, dataformats="HWC")
+                logger.experiment.add_image(
+                    "val/panel", grid, trainer.global_step, dataformats="HWC"
+                )
         self.batch = None

@@ -6,6 +6,7 @@ the wrong stage or scale is refused with one line instead of a shape mismatch de
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -22,6 +23,7 @@ __all__ = [
     "load_checkpoint",
     "check_gpsr_checkpoint",
     "find_last_checkpoint",
+    "state_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -29,6 +31,19 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -67,7 +82,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err})") from err
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path} is not a gpsr checkpoint (got {type(ckpt).__name__})")
+        raise CheckpointError(
+            f"checkpoint {path} is not a gpsr checkpoint (got {type(ckpt).__name__})"
+        )
+    digest = ckpt.get("gpsr", {}).get("sha256") if isinstance(ckpt.get("gpsr"), dict) else None
+    if digest is not None and state_digest(ckpt.get("state_dict", {})) != digest:
+        raise CheckpointError(
+            f"checkpoint {path} failed its integrity check: its weights changed after it was "
+            f"saved (tampered with or corrupted)"
+        )
     return ckpt
 
 
@@ -103,8 +126,12 @@ def find_last_checkpoint(run_dir: str | Path) -> Path | None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO that writes atomically and loads with `weights_only=True`."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
         atomic_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint(path, map_location=map_location or "cpu")

@@ -15,11 +15,17 @@ from typing import Any
 
 log = logging.getLogger("gpsr")
 
-__all__ = ["CONFIG_DIR", "check_output_dir", "report_errors", "finish_wandb"]
+__all__ = ["CONFIG_DIR", "check_output_dir", "report_errors", "finish_wandb", "preflight"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, PermissionError, NotADirectoryError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FloatingPointError,
+    PermissionError,
+    NotADirectoryError,
+)
 
 
 def _raised_by_gpsr(exc: BaseException) -> bool:
@@ -96,3 +102,29 @@ def check_output_dir(path: str | Path, need_bytes: int = 0) -> Path:
             f"{need_bytes / 2**20:.0f} MiB for its checkpoints; free space or move paths.log_dir"
         )
     return path
+
+
+OUTPUT_OVERRIDES = ("hydra.run.dir=", "hydra.sweep.dir=", "paths.log_dir=", "paths.root_dir=")
+
+
+def preflight(argv: list[str]) -> None:
+    """Before Hydra creates the run folder: refuse, in one line, an output path that cannot
+    be created (a file in the way, or a read-only place)."""
+    for arg in argv:
+        for key in OUTPUT_OVERRIDES:
+            if not arg.startswith(key):
+                continue
+            path = Path(arg[len(key) :]).expanduser()
+            if "${" in str(path):
+                continue
+            probe = path
+            while not probe.exists() and probe.parent != probe:
+                probe = probe.parent
+            if not probe.is_dir() or not os.access(probe, os.W_OK):
+                print(
+                    f"gpsr: error: output directory {path} cannot be created ({probe} is "
+                    f"{'not a folder' if not probe.is_dir() else 'not writable'}); "
+                    f"set {key[:-1]} to a writable place",
+                    file=sys.stderr,
+                )
+                raise SystemExit(1)

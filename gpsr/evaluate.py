@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from gpsr import ops
 from gpsr.callbacks import to_uint8_grid
-from gpsr.cli import CONFIG_DIR, check_output_dir, report_errors
+from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
 
@@ -57,13 +58,20 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
         methods["pseudoinverse"] = (lambda lr, idx: ops.pseudoinverse(lr, s).clamp(0, 1), "0")
     if "flow" in cfg.baselines or model.unet is None:
         methods["flow"] = (
-            lambda lr, idx: model.super_resolve(lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx),
+            lambda lr, idx: model.super_resolve(
+                lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx
+            ),
             "0+1",
         )
     if model.unet is not None and sampler.steps > 0:
         methods["gpsr"] = (
             lambda lr, idx: model.super_resolve(
-                lr, steps=sampler.steps, eta=sampler.eta, samples=sampler.samples, seed=cfg.seed, indices=idx
+                lr,
+                steps=sampler.steps,
+                eta=sampler.eta,
+                samples=sampler.samples,
+                seed=cfg.seed,
+                indices=idx,
             ),
             f"{sampler.steps}+1",
         )
@@ -94,7 +102,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.scale is None:
             cfg.scale = model.scale
     if cfg.scale != model.scale:
-        raise ValueError(f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}")
+        raise ValueError(
+            f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
+        )
     datamodule = instantiate(cfg.data)
     loader = datamodule.eval_dataloader(cfg.split)
     methods = build_methods(model, cfg)
@@ -158,7 +168,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         }
         if name != base:
             its = torch.cat(proj_iters).float()
-            results[name]["projection_iterations"] = {"mean": its.mean().item(), "max": int(its.max())}
+            results[name]["projection_iterations"] = {
+                "mean": its.mean().item(),
+                "max": int(its.max()),
+            }
     summary = {
         "ckpt": str(cfg.ckpt),
         "split": cfg.split,
@@ -194,8 +207,12 @@ def _log_to_loggers(cfg: DictConfig, summary: dict[str, Any], output_dir: Path) 
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:
         return
-    flat = {f"eval/{m}/{k}": v for m, vals in summary["methods"].items() for k, v in vals.items()
-            if isinstance(v, (int, float))}
+    flat = {
+        f"eval/{m}/{k}": v
+        for m, vals in summary["methods"].items()
+        for k, v in vals.items()
+        if isinstance(v, (int, float))
+    }
     flat["eval/steps"] = cfg.sampler.steps
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -214,4 +231,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

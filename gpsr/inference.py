@@ -69,7 +69,9 @@ class GPSR(nn.Module):
             stats = LatentStats(3 * flow.channels)
             stats.load_state_dict(_sub_state(state, "stats."))
         except (RuntimeError, KeyError) as err:
-            raise CheckpointError(f"checkpoint {ckpt}: weights do not match its settings ({err})") from err
+            raise CheckpointError(
+                f"checkpoint {ckpt}: weights do not match its settings ({err})"
+            ) from err
         if not bool(stats.ready):
             raise CheckpointError(f"checkpoint {ckpt}: latent statistics were never computed")
         diffusion = GaussianDiffusion(**hp.get("diffusion", {}))
@@ -98,7 +100,9 @@ class GPSR(nn.Module):
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
         """
         if lr.dim() != 4 or lr.shape[1] != self.flow.channels:
-            raise ValueError(f"lr must be (N, {self.flow.channels}, h, w) in [0, 1], got {tuple(lr.shape)}")
+            raise ValueError(
+                f"lr must be (N, {self.flow.channels}, h, w) in [0, 1], got {tuple(lr.shape)}"
+            )
         if steps > 0 and self.unet is None:
             raise ValueError("this checkpoint has no diffusion model (flow stage): use steps=0")
         lr = lr.to(self.device, torch.float32)
@@ -109,10 +113,15 @@ class GPSR(nn.Module):
                 ids = indices if indices is not None else list(range(lr.shape[0]))
                 noise = IndexNoise(ids, seed + k, self.device)
             elif generator is not None:
-                noise = lambda shape: torch.randn(shape, generator=generator, device=generator.device).to(self.device)  # noqa: E731
+
+                def noise(shape, _g=generator):
+                    return torch.randn(shape, generator=_g, device=_g.device).to(self.device)
+
             else:
                 noise = None
-            x = super_resolve(self.flow, y, steps, self.unet, self.diffusion, self.stats, eta=eta, noise_fn=noise)
+            x = super_resolve(
+                self.flow, y, steps, self.unet, self.diffusion, self.stats, eta=eta, noise_fn=noise
+            )
             x = ops.to_unit(x)
             if project:
                 x, _ = ops.project_consistent_box(x, lr, self.scale)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
@@ -31,12 +32,11 @@ def wandb_logger(
 ) -> WandbLogger:
     """A WandbLogger writing under `save_dir`; a resumed run (same output folder) continues
     the same W&B run, whose id is kept in `<save_dir>/wandb_run_id.txt`."""
-    import wandb
 
     save = Path(save_dir)
     save.mkdir(parents=True, exist_ok=True)
     id_file = save / RUN_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return WandbLogger(
         save_dir=str(save),

@@ -45,8 +45,16 @@ class SSIM(Metric):
 
     def update(self, sr: torch.Tensor, hr: torch.Tensor) -> None:
         _, ssim_map = structural_similarity_index_measure(
-            sr.double(), hr.double(), gaussian_kernel=True, sigma=1.5, kernel_size=self.kernel_size,
-            k1=0.01, k2=0.03, data_range=1.0, reduction="none", return_full_image=True,
+            sr.double(),
+            hr.double(),
+            gaussian_kernel=True,
+            sigma=1.5,
+            kernel_size=self.kernel_size,
+            k1=0.01,
+            k2=0.03,
+            data_range=1.0,
+            reduction="none",
+            return_full_image=True,
         )
         pad = (self.kernel_size - 1) // 2
         per_image = ssim_map[..., pad:-pad, pad:-pad].flatten(1).mean(1)

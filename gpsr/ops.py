@@ -208,7 +208,11 @@ def project_consistent_box(
         iters[active.cpu()] += 1
         # Pixels on a bound count as free: a valid element of the generalised Jacobian.
         mask = ((z >= low) & (z <= high)).double()
-        delta = _batched_cg(lambda v: ah @ (mask * lift(v)) @ aw.T + ridge * v, r, iters=500)
+
+        def normal_op(v: torch.Tensor, m: torch.Tensor = mask) -> torch.Tensor:
+            return ah @ (m * lift(v)) @ aw.T + ridge * v
+
+        delta = _batched_cg(normal_op, r, iters=500)
         step = torch.ones(n, 1, 1, 1, dtype=torch.float64, device=x.device)
         accepted = torch.zeros(n, dtype=torch.bool, device=x.device)
         for _ in range(30):  # backtracking, per image

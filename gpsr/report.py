@@ -30,12 +30,19 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
             continue
         steps = data["sampler"]["steps"]
         for method, m in data["methods"].items():
-            rows.append({
-                "job": path.parent.name, "method": method, "steps": steps, "nfe": m["nfe"],
-                "psnr": m["psnr"], "ssim": m["ssim"], "consistency": m["consistency"],
-                "seconds_per_image": m["seconds_per_image"],
-                "projection_iterations": m.get("projection_iterations"),
-            })
+            rows.append(
+                {
+                    "job": path.parent.name,
+                    "method": method,
+                    "steps": steps,
+                    "nfe": m["nfe"],
+                    "psnr": m["psnr"],
+                    "ssim": m["ssim"],
+                    "consistency": m["consistency"],
+                    "seconds_per_image": m["seconds_per_image"],
+                    "projection_iterations": m.get("projection_iterations"),
+                }
+            )
     return rows
 
 
@@ -45,7 +52,9 @@ def write_report(sweep_dir: str | Path) -> Path:
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no evaluation results (*/metrics.json) under {sweep_dir}")
-    sampled = sorted((r for r in rows if r["method"].startswith("gpsr")), key=lambda r: (r["method"], r["steps"]))
+    sampled = sorted(
+        (r for r in rows if r["method"].startswith("gpsr")), key=lambda r: (r["method"], r["steps"])
+    )
     # Training-free baselines do not depend on the step count: report them once.
     fixed = {r["method"]: r for r in rows if not r["method"].startswith("gpsr")}
     lines = [
@@ -78,7 +87,9 @@ def _plot(sampled: list[dict], fixed: dict[str, dict], path: Path) -> None:
             pts = [r for r in sampled if r["method"] == method]
             ax.plot([r["steps"] + 1 for r in pts], [r[key] for r in pts], "o-", label=method)
         for name, r in fixed.items():
-            ax.axhline(r[key], ls="--", lw=1, color="gray" if name != "flow" else "tab:green", label=name)
+            ax.axhline(
+                r[key], ls="--", lw=1, color="gray" if name != "flow" else "tab:green", label=name
+            )
         ax.set_xscale("log")
         if key == "consistency":
             ax.set_yscale("log")
@@ -103,7 +114,9 @@ class SweepReportCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpsr.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m gpsr.report", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("sweep_dir", help="folder of an evaluation multirun (holds 0/, 1/, ...)")
     args = parser.parse_args(argv)
     try:

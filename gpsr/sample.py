@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from gpsr import ops
-from gpsr.cli import CONFIG_DIR, report_errors
+from gpsr.cli import CONFIG_DIR, preflight, report_errors
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.evaluate import pick_device
 from gpsr.inference import GPSR
@@ -68,28 +68,53 @@ def sample_images(cfg: DictConfig) -> int:
         h, w = img.shape[-2:]
         if h < multiple or w < multiple:
             failures += 1
-            print(f"skipped: {path} is {w}x{h}; LR images must be at least {multiple}x{multiple}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"skipped: {path} is {w}x{h}; LR images must be at least {multiple}x{multiple}",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         if h % multiple or w % multiple:
             img = ops.modcrop(img, multiple)
-            log.warning("%s: %dx%d is not a multiple of %d; cropped to %dx%d",
-                        path, w, h, multiple, img.shape[-1], img.shape[-2])
+            log.warning(
+                "%s: %dx%d is not a multiple of %d; cropped to %dx%d",
+                path,
+                w,
+                h,
+                multiple,
+                img.shape[-1],
+                img.shape[-2],
+            )
         lr = (img.float() / 255.0)[None].to(device)
-        sr = model.super_resolve(lr, steps=steps, eta=cfg.eta, samples=cfg.samples,
-                                 project=cfg.project, seed=cfg.seed, indices=[0])
+        sr = model.super_resolve(
+            lr,
+            steps=steps,
+            eta=cfg.eta,
+            samples=cfg.samples,
+            project=cfg.project,
+            seed=cfg.seed,
+            indices=[0],
+        )
         stack = sr if cfg.samples > 1 else sr[:, None]  # (1, K, C, H, W)
         stem = path.stem
         for k in range(stack.shape[1]):
             name = f"{stem}_sr" if cfg.samples == 1 else f"{stem}_sr{k}"
             Image.fromarray(_to_uint8(stack[0, k])).save(out_dir / f"{name}.png")
             if cfg.save_float:
-                np.save(out_dir / f"{name}.npy", stack[0, k].permute(1, 2, 0).cpu().numpy().astype(np.float32))
+                np.save(
+                    out_dir / f"{name}.npy",
+                    stack[0, k].permute(1, 2, 0).cpu().numpy().astype(np.float32),
+                )
         if cfg.samples > 1:
             std = stack[0].std(0)
-            Image.fromarray(_to_uint8(std / std.max().clamp(min=1e-8))).save(out_dir / f"{stem}_std.png")
+            Image.fromarray(_to_uint8(std / std.max().clamp(min=1e-8))).save(
+                out_dir / f"{stem}_std.png"
+            )
             if cfg.save_float:
-                np.save(out_dir / f"{stem}_std.npy", std.permute(1, 2, 0).cpu().numpy().astype(np.float32))
+                np.save(
+                    out_dir / f"{stem}_std.npy",
+                    std.permute(1, 2, 0).cpu().numpy().astype(np.float32),
+                )
         cons = per_image_consistency(stack[0], lr.expand(stack.shape[1], -1, -1, -1), model.scale)
         rounded = (stack[0] * 255).round() / 255
         cons8 = per_image_consistency(rounded, lr.expand(stack.shape[1], -1, -1, -1), model.scale)
@@ -112,4 +137,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

@@ -80,14 +80,20 @@ class LatentStats(nn.Module):
 
 
 def seeded_normal(
-    shape: Sequence[int], indices: Sequence[int], seed: int, device: torch.device | str, dtype=torch.float32
+    shape: Sequence[int],
+    indices: Sequence[int],
+    seed: int,
+    device: torch.device | str,
+    dtype=torch.float32,
 ) -> torch.Tensor:
     """Standard normal noise (N, *shape) whose row i depends only on (seed, indices[i]).
 
     Makes samples reproducible whatever the batch size or the number of processes.
     """
     rows = [
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        torch.randn(
+            tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))
+        )
         for i in indices
     ]
     return torch.stack(rows).to(device=device, dtype=dtype)
@@ -128,9 +134,17 @@ def super_resolve(
         z = draw(shape).to(coarse.dtype)
     else:
         if unet is None or diffusion is None or stats is None:
-            raise ValueError("sampling with steps > 0 needs a UNet, a diffusion and latent statistics")
+            raise ValueError(
+                "sampling with steps > 0 needs a UNet, a diffusion and latent statistics"
+            )
         zhat = diffusion.sample(
-            unet, coarse, shape, steps=steps, eta=eta, clip=stats.bounds(), noise_fn=noise_fn,
+            unet,
+            coarse,
+            shape,
+            steps=steps,
+            eta=eta,
+            clip=stats.bounds(),
+            noise_fn=noise_fn,
             spacing=spacing,
         )
         z = stats.denormalise(zhat)

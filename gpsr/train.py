@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpsr.checkpoint import find_last_checkpoint
-from gpsr.cli import CONFIG_DIR, check_output_dir, report_errors
+from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 
 log = logging.getLogger("gpsr.train")
 
@@ -30,7 +31,7 @@ STAGES = ("flow", "ddpm")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """"auto" -> the last checkpoint of this run folder (None when there is none yet)."""
+    """ "auto" -> the last checkpoint of this run folder (None when there is none yet)."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "auto":
@@ -63,8 +64,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     n_params = sum(p.numel() for p in module.parameters())
     # last.ckpt plus one periodic checkpoint: weights and two Adam moments each, twice over.
     check_output_dir(output_dir, need_bytes=2 * 3 * 4 * n_params + 2**20)
-    log.info("stage=%s: %s parameters (%s trainable)", cfg.stage.name, f"{n_params:,}",
-             f"{sum(p.numel() for p in module.trainable_parameters()):,}")
+    log.info(
+        "stage=%s: %s parameters (%s trainable)",
+        cfg.stage.name,
+        f"{n_params:,}",
+        f"{sum(p.numel() for p in module.trainable_parameters()):,}",
+    )
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
@@ -95,4 +100,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

@@ -30,23 +30,37 @@ FAST = [
 ]
 
 
-def compose_cfg(overrides: list[str], name: str = "train", output_dir: Path | None = None) -> DictConfig:
+def compose_cfg(
+    overrides: list[str], name: str = "train", output_dir: Path | None = None
+) -> DictConfig:
     """Compose a root config as the CLI would, with outputs under `output_dir`."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
         return compose(config_name=name, overrides=list(overrides) + extra)
 
 
-def run_cli(module: str, *args: str, cwd: Path, timeout: int = 600, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str,
+    *args: str,
+    cwd: Path,
+    timeout: int = 600,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """`python -m gpsr.<module> args...` in a subprocess, outputs under `cwd`."""
     full_env = {**os.environ, "GPSR_ROOT": str(cwd), "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", f"gpsr.{module}", *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", f"gpsr.{module}", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"gpsr.{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"gpsr.{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -66,5 +80,7 @@ def ddpm_ckpt(tmp_path_factory, flow_ckpt) -> Path:
     from gpsr.train import train
 
     out = tmp_path_factory.mktemp("ddpm_run")
-    train(compose_cfg(["stage=ddpm", f"flow_ckpt={flow_ckpt}", "logger=csv", *FAST], output_dir=out))
+    train(
+        compose_cfg(["stage=ddpm", f"flow_ckpt={flow_ckpt}", "logger=csv", *FAST], output_dir=out)
+    )
     return out / "checkpoints" / "last.ckpt"

@@ -64,21 +64,32 @@ def test_training_flips_and_evaluation_does_not():
 
 def test_folder_resizes_crops_and_splits(tmp_path):
     root = _write_photos(tmp_path / "imgs", n=10)
-    dm = GPSRDataModule(source="folder", root=str(root), size=64, scale=8, batch_size=2,
-                        val_fraction=0.2, test_fraction=0.2)
+    dm = GPSRDataModule(
+        source="folder",
+        root=str(root),
+        size=64,
+        scale=8,
+        batch_size=2,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
     dm.setup()
     assert [len(dm.items[k]) for k in ("train", "val", "test")] == [6, 2, 2]
     item = dm.dataset("test")[0]
     assert item["hr"].shape == (3, 64, 64) and item["lr"].shape == (3, 8, 8)
     # Explicit per-split roots override the fractions.
-    dm2 = GPSRDataModule(source="folder", train_root=str(root), test_root=str(root), size=64, scale=8)
+    dm2 = GPSRDataModule(
+        source="folder", train_root=str(root), test_root=str(root), size=64, scale=8
+    )
     dm2.setup()
     assert len(dm2.items["test"]) == 10 and len(dm2.items["train"]) == 10
 
 
 def test_cache_gives_identical_items(tmp_path):
     root = _write_photos(tmp_path / "imgs", n=4)
-    kw = dict(source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=0.5)
+    kw = dict(
+        source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=0.5
+    )
     a, b = GPSRDataModule(**kw), GPSRDataModule(cache=True, **kw)
     assert torch.equal(a.dataset("test")[1]["hr"], b.dataset("test")[1]["hr"])
 
@@ -104,7 +115,9 @@ def test_corrupt_and_truncated_files(tmp_path, caplog):
     (root / "garbage.png").write_bytes(b"this is not a png at all")
     good = (root / "img0.png").read_bytes()
     (root / "truncated.png").write_bytes(good[: len(good) // 2])
-    kw = dict(source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0)
+    kw = dict(
+        source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0
+    )
     with pytest.raises(ImageFileError, match=r"garbage\.png.*data.skip_corrupt=true"):
         GPSRDataModule(**kw).setup()
     # Skipping: the garbage file is left out at the header scan; the truncated one (valid
@@ -127,7 +140,9 @@ def test_corrupt_and_truncated_files(tmp_path, caplog):
 def test_too_small_image(tmp_path):
     root = _write_photos(tmp_path / "imgs", n=2)
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / "tiny.png")
-    kw = dict(source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0)
+    kw = dict(
+        source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0
+    )
     with pytest.raises(ImageFileError, match=r"tiny\.png is 50x40, smaller than data.size=64"):
         GPSRDataModule(**kw).setup()
     dm = GPSRDataModule(skip_small=True, **kw)
@@ -143,20 +158,26 @@ def test_mode_conversions(tmp_path):
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
     g = decode_rgb(tmp_path / "grey.png")
-    assert g.shape == (3, 70, 70) and torch.equal(g[0], g[2]) and torch.equal(g[0], torch.from_numpy(grey))
+    assert (
+        g.shape == (3, 70, 70)
+        and torch.equal(g[0], g[2])
+        and torch.equal(g[0], torch.from_numpy(grey))
+    )
     a = decode_rgb(tmp_path / "rgba.png")
     assert torch.equal(a, torch.from_numpy(rgb).permute(2, 0, 1))  # alpha dropped, colour kept
     g16 = decode_rgb(tmp_path / "grey16.png")
     assert torch.equal(g16[1], torch.from_numpy(grey))  # 16-bit scaled, not clipped to 255
     assert decode_rgb(tmp_path / "palette.png").shape == (3, 70, 70)
-    dm = GPSRDataModule(source="folder", root=str(tmp_path), size=64, scale=8, val_fraction=0,
-                        test_fraction=1.0)
+    dm = GPSRDataModule(
+        source="folder", root=str(tmp_path), size=64, scale=8, val_fraction=0, test_fraction=1.0
+    )
     assert len(dm.dataset("test")) == 4
 
 
 def test_empty_split_and_too_few_for_a_batch():
-    dm = GPSRDataModule(size=32, scale=4, demo_count=10, val_fraction=0.0, test_fraction=0.2,
-                        batch_size=64)
+    dm = GPSRDataModule(
+        size=32, scale=4, demo_count=10, val_fraction=0.0, test_fraction=0.2, batch_size=64
+    )
     with pytest.raises(ValueError, match="the val split is empty: raise data.val_fraction"):
         dm.dataset("val")
     with pytest.raises(ValueError, match="lower data.batch_size"):

@@ -69,41 +69,34 @@ def test_oracle_network_recovers_the_clean_latent(steps, eta):
 
 def test_eta_zero_is_deterministic_and_eta_one_is_not():
     d = GaussianDiffusion(1000)
-    torch.manual_seed(0)
-    w = torch.randn(3, 3)
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
 
     def net(inp, t):  # a fixed, non-oracle network
-        return torch.tanh(torch.einsum("ij,njhw->nihw", w, inp[:, :3])) * (t[:, None, None, None] / 1000)
+        out = torch.tanh(torch.einsum("ij,njhw->nihw", w, inp[:, :3]))
+        return out * (t[:, None, None, None] / 1000)
 
-    cond = torch.zeros(2, 1, 4, 4)
+    cond, shape = torch.zeros(2, 1, 4, 4), (2, 3, 4, 4)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(1))
 
-    def seeded(seed):
-        g = torch.Generator().manual_seed(seed)
+    def noise_fn(later_seed):
+        """The same start noise, then a stream that depends on `later_seed`."""
+        g = torch.Generator().manual_seed(later_seed)
         calls = []
 
-        def draw(shape):
-            calls.append(shape)
-            return torch.randn(shape, generator=g)
+        def draw(s):
+            calls.append(s)
+            return start.clone() if len(calls) == 1 else torch.randn(s, generator=g)
 
         return draw, calls
 
-    f0, c0 = seeded(0)
-    a = d.sample(net, cond, (2, 3, 4, 4), steps=5, eta=0.0, noise_fn=f0)
-    f1, _ = seeded(0)
-    # Same start noise; eta=0 never draws again, so a different later stream cannot matter.
-    f1_calls = []
-
-    def start_then_other(shape, _g=torch.Generator().manual_seed(99)):
-        f1_calls.append(shape)
-        return f1(shape) if len(f1_calls) == 1 else torch.randn(shape, generator=_g)
-
-    b = d.sample(net, cond, (2, 3, 4, 4), steps=5, eta=0.0, noise_fn=start_then_other)
-    assert len(c0) == 1 and torch.equal(a, b)
-    f2, c2 = seeded(0)
-    e1 = d.sample(net, cond, (2, 3, 4, 4), steps=5, eta=1.0, noise_fn=f2)
-    f3, _ = seeded(5)
-    e2 = d.sample(net, cond, (2, 3, 4, 4), steps=5, eta=1.0, noise_fn=lambda s: f3(s))
-    assert len(c2) == 5 and not torch.allclose(e1, e2)
+    (fa, ca), (fb, _) = noise_fn(10), noise_fn(20)
+    a = d.sample(net, cond, shape, steps=5, eta=0.0, noise_fn=fa)
+    b = d.sample(net, cond, shape, steps=5, eta=0.0, noise_fn=fb)
+    assert len(ca) == 1 and torch.equal(a, b)  # eta = 0 draws nothing after the start
+    (fc, cc), (fd, _) = noise_fn(10), noise_fn(20)
+    c = d.sample(net, cond, shape, steps=5, eta=1.0, noise_fn=fc)
+    e = d.sample(net, cond, shape, steps=5, eta=1.0, noise_fn=fd)
+    assert len(cc) == 5 and not torch.allclose(c, e)
 
 
 def test_sampler_clamps_predicted_latent():

@@ -13,11 +13,18 @@ from gpsr.metrics import Consistency, SRMetrics, psnr_metric, ssim_metric
 def _pairs(real: bool):
     gen = torch.Generator().manual_seed(0)
     if real:
-        hr = torch.stack([
-            torch.from_numpy(skimage.data.astronaut()[:128, 200:328]),
-            torch.from_numpy(skimage.data.coffee()[100:228, 100:228]),
-            torch.from_numpy(skimage.data.chelsea()[50:178, 150:278]),
-        ]).permute(0, 3, 1, 2).double() / 255
+        hr = (
+            torch.stack(
+                [
+                    torch.from_numpy(skimage.data.astronaut()[:128, 200:328]),
+                    torch.from_numpy(skimage.data.coffee()[100:228, 100:228]),
+                    torch.from_numpy(skimage.data.chelsea()[50:178, 150:278]),
+                ]
+            )
+            .permute(0, 3, 1, 2)
+            .double()
+            / 255
+        )
     else:
         hr = torch.rand(4, 3, 64, 64, generator=gen, dtype=torch.float64)
     sr = (hr + 0.08 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
@@ -31,12 +38,23 @@ def _np(x):
 @pytest.mark.parametrize("real", [False, True])
 def test_psnr_and_ssim_match_skimage(real):
     sr, hr = _pairs(real)
-    ref_psnr = np.mean([peak_signal_noise_ratio(_np(h), _np(s), data_range=1.0) for s, h in zip(sr, hr)])
-    ref_ssim = np.mean([
-        structural_similarity(_np(h), _np(s), data_range=1.0, channel_axis=2, gaussian_weights=True,
-                              sigma=1.5, use_sample_covariance=False)
-        for s, h in zip(sr, hr)
-    ])
+    ref_psnr = np.mean(
+        [peak_signal_noise_ratio(_np(h), _np(s), data_range=1.0) for s, h in zip(sr, hr)]
+    )
+    ref_ssim = np.mean(
+        [
+            structural_similarity(
+                _np(h),
+                _np(s),
+                data_range=1.0,
+                channel_axis=2,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
+            for s, h in zip(sr, hr)
+        ]
+    )
     psnr, ssim = psnr_metric(), ssim_metric()
     # Fed in two batches: the per-image average must not depend on batching.
     for part in (slice(0, 1), slice(1, None)):
@@ -64,7 +82,9 @@ def test_consistency_units_and_definition():
     m = Consistency(8)
     m.update(sr[:1], lr[:1])
     m.update(sr[1:], lr[1:])
-    expected = np.mean([((ops.degrade(s[None], 8) - l[None]) ** 2).mean().item() for s, l in zip(sr, lr)])
+    expected = np.mean(
+        [((ops.degrade(s[None], 8) - l[None]) ** 2).mean().item() for s, l in zip(sr, lr)]
+    )
     assert m.compute().item() == pytest.approx(expected / 1e-5, rel=1e-9)
     exact = Consistency(8)
     exact.update(hr, lr)

@@ -130,8 +130,12 @@ def test_box_projection_is_the_closest_feasible_point():
     dense = torch.kron(ah, ah).numpy()  # row-major vec(A X A^T) = (A kron A) vec(X)
     x0, yv = x.flatten().numpy(), y.flatten().numpy()
     res = minimize(
-        lambda v: ((v - x0) ** 2).sum(), x0, jac=lambda v: 2 * (v - x0), method="SLSQP",
-        bounds=[(0, 1)] * x0.size, constraints=[{"type": "eq", "fun": lambda v: dense @ v - yv}],
+        lambda v: ((v - x0) ** 2).sum(),
+        x0,
+        jac=lambda v: 2 * (v - x0),
+        method="SLSQP",
+        bounds=[(0, 1)] * x0.size,
+        constraints=[{"type": "eq", "fun": lambda v: dense @ v - yv}],
         options={"ftol": 1e-14, "maxiter": 500},
     )
     assert res.success

@@ -15,18 +15,33 @@ from gpsr.stages import FlowModule, LatentDiffusionModule, NonFiniteLossError, f
 from gpsr.stages.ddpm import ema_avg_fn
 
 SMALL_FLOW = {"num_blocks": 2, "num_convs": 3, "growth": 8}
-SMALL_UNET = {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
-              "attention_resolutions": [8], "image_size": 16, "num_heads": 2, "dropout": 0.0}
+SMALL_UNET = {
+    "model_channels": 32,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_resolutions": [8],
+    "image_size": 16,
+    "num_heads": 2,
+    "dropout": 0.0,
+}
 
 
 def _trainer(steps: int) -> L.Trainer:
-    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                     enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    return L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
 
 
 def _dm() -> GPSRDataModule:
-    return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64, val_fraction=0.25,
-                          test_fraction=0.0)
+    return GPSRDataModule(
+        size=32, scale=8, batch_size=8, demo_count=64, val_fraction=0.25, test_fraction=0.0
+    )
 
 
 def _fixed_batch(dm):
@@ -37,7 +52,9 @@ def _fixed_batch(dm):
 def test_flow_training_lowers_loss_and_coarse_fit():
     torch.manual_seed(0)
     dm = _dm()
-    module = FlowModule(scale=8, flow=SMALL_FLOW, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3))
+    module = FlowModule(
+        scale=8, flow=SMALL_FLOW, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3)
+    )
     hr = _fixed_batch(dm)
     x = ops.dequantize(hr, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -60,10 +77,18 @@ def _state_hash(module: torch.nn.Module) -> str:
 def test_ddpm_training_lowers_loss_and_keeps_flow_unchanged(flow_ckpt):
     torch.manual_seed(0)
     dm = _dm()
-    module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET,
-                                   optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    module = LatentDiffusionModule(
+        flow_ckpt=str(flow_ckpt),
+        scale=8,
+        unet=SMALL_UNET,
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+    )
     flow_hash = _state_hash(module.flow)
-    ckpt_flow = {k[5:]: v for k, v in load_checkpoint(flow_ckpt)["state_dict"].items() if k.startswith("flow.")}
+    ckpt_flow = {
+        k[5:]: v
+        for k, v in load_checkpoint(flow_ckpt)["state_dict"].items()
+        if k.startswith("flow.")
+    }
     assert all(torch.equal(ckpt_flow[k], v) for k, v in module.flow.state_dict().items())
     hr = _fixed_batch(dm)
     module.fit_latent_stats([{"hr": hr}])
@@ -76,7 +101,8 @@ def test_ddpm_training_lowers_loss_and_keeps_flow_unchanged(flow_ckpt):
             t = torch.randint(0, 1000, (64,), generator=g)
             noise = torch.randn((64, *zhat.shape[1:]), generator=g)
             return module.diffusion.training_loss(
-                module.unet.eval(), zhat.repeat(8, 1, 1, 1), c.repeat(8, 1, 1, 1), t, noise).item()
+                module.unet.eval(), zhat.repeat(8, 1, 1, 1), c.repeat(8, 1, 1, 1), t, noise
+            ).item()
 
     module.stats.ready.fill_(False)  # recomputed over the training split by on_fit_start
     before = eval_loss()

@@ -11,8 +11,16 @@ def test_paper_config_parameter_count():
 
 
 def test_shapes_and_zero_output_at_init():
-    net = UNet(in_channels=12, out_channels=9, model_channels=32, channel_mult=(1, 2),
-               num_res_blocks=1, attention_resolutions=(8,), image_size=16, num_heads=2)
+    net = UNet(
+        in_channels=12,
+        out_channels=9,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        image_size=16,
+        num_heads=2,
+    )
     out = net(torch.randn(3, 12, 16, 16), torch.tensor([0.0, 10.0, 999.0]))
     assert out.shape == (3, 9, 16, 16)
     assert torch.all(out == 0)
@@ -20,9 +28,18 @@ def test_shapes_and_zero_output_at_init():
 
 def test_scale_shift_variant_and_time_dependence():
     torch.manual_seed(0)
-    net = UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
-               num_res_blocks=1, attention_resolutions=(8,), image_size=16, num_heads=4,
-               scale_shift_norm=True, dropout=0.0)
+    net = UNet(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        image_size=16,
+        num_heads=4,
+        scale_shift_norm=True,
+        dropout=0.0,
+    )
     for p in net.parameters():  # leave zero-init behind so the output depends on t
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(1, 4, 16, 16)
@@ -36,7 +53,14 @@ def test_timestep_embedding_range_and_shape():
 
 
 def test_bad_input_size():
-    net = UNet(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2),
-               num_res_blocks=1, attention_resolutions=(), image_size=16)
+    net = UNet(
+        in_channels=3,
+        out_channels=3,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        image_size=16,
+    )
     with pytest.raises(ValueError, match="divisible by 4"):
         net(torch.randn(1, 3, 10, 10), torch.zeros(1))

@@ -36,9 +36,13 @@ __all__ = ["GPSRDataModule", "ImageDataset", "split_indices"]
 SPLITS = ("train", "val", "test")
 
 
-def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+def split_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[int]]:
     """Deterministic train / val / test partition of range(n) from `seed`."""
-    if not (0 <= val_fraction <= 1 and 0 <= test_fraction <= 1 and val_fraction + test_fraction <= 1):
+    if not (
+        0 <= val_fraction <= 1 and 0 <= test_fraction <= 1 and val_fraction + test_fraction <= 1
+    ):
         raise ValueError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in "
             f"[0, 1] and sum to at most 1"
@@ -87,7 +91,9 @@ class ImageDataset(Dataset):
                 return load_image(path, self.size)
             except ImageFileError as err:
                 if not self.skip_corrupt:
-                    raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
+                    raise ImageFileError(
+                        f"{err}; remove it or set data.skip_corrupt=true"
+                    ) from None
                 log.warning("skipping %s", err)
         raise ImageFileError("no decodable image left in this split")
 
@@ -143,10 +149,16 @@ class GPSRDataModule(L.LightningDataModule):
             raise ValueError(f"data.source must be 'demo' or 'folder', got {source!r}")
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         if source == "folder" and not (root or train_root or val_root or test_root):
-            raise ValueError("data.root is not set: point it at a folder of images (see README 'Data')")
+            raise ValueError(
+                "data.root is not set: point it at a folder of images (see README 'Data')"
+            )
         self.source, self.root, self.size, self.scale = source, root, size, scale
         self.roots = {"train": train_root, "val": val_root, "test": test_root}
-        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.val_fraction, self.test_fraction, self.split_seed = (
+            val_fraction,
+            test_fraction,
+            split_seed,
+        )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.cache = num_workers, pin_memory, cache
@@ -169,7 +181,9 @@ class GPSRDataModule(L.LightningDataModule):
             if min(w, h) < self.size:
                 if not self.skip_small:
                     raise ImageFileError(too_small_message(str(path), w, h, self.size))
-                log.warning("skipping %s: %dx%d is smaller than data.size=%d", path, w, h, self.size)
+                log.warning(
+                    "skipping %s: %dx%d is smaller than data.size=%d", path, w, h, self.size
+                )
                 continue
             kept.append(path)
         return kept
@@ -181,7 +195,9 @@ class GPSRDataModule(L.LightningDataModule):
                 out.append(load_image(path, self.size))
             except ImageFileError as err:
                 if not self.skip_corrupt:
-                    raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
+                    raise ImageFileError(
+                        f"{err}; remove it or set data.skip_corrupt=true"
+                    ) from None
                 log.warning("skipping %s", err)
         if not out:
             raise ImageFileError("data.cache: no decodable images")
@@ -222,7 +238,10 @@ class GPSRDataModule(L.LightningDataModule):
             }[split]
             raise ValueError(f"the {split} split is empty: {hint}")
         return ImageDataset(
-            items, self.size, self.scale, flip=(split == "train") if flip is None else flip,
+            items,
+            self.size,
+            self.scale,
+            flip=(split == "train") if flip is None else flip,
             skip_corrupt=self.skip_corrupt,
         )
 
@@ -251,17 +270,27 @@ class GPSRDataModule(L.LightningDataModule):
             )
         kwargs = self._loader_kwargs()
         if world > 1:
-            sampler = DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed, drop_last=True)
-            return StatefulDataLoader(ds, self.batch_size, sampler=sampler, drop_last=True, **kwargs)
+            sampler = DistributedSampler(
+                ds, world, rank, shuffle=True, seed=self.seed, drop_last=True
+            )
+            return StatefulDataLoader(
+                ds, self.batch_size, sampler=sampler, drop_last=True, **kwargs
+            )
         gen = torch.Generator().manual_seed(self.seed)
-        return StatefulDataLoader(ds, self.batch_size, shuffle=True, generator=gen, drop_last=True, **kwargs)
+        return StatefulDataLoader(
+            ds, self.batch_size, shuffle=True, generator=gen, drop_last=True, **kwargs
+        )
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """In-order batches of a split; under DDP each rank gets a disjoint, unpadded shard."""
         ds = self.dataset(split)
         world, rank = self._world()
-        sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
-        return DataLoader(ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs())
+        sampler = (
+            UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        )
+        return DataLoader(
+            ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs()
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
@@ -273,5 +302,9 @@ class GPSRDataModule(L.LightningDataModule):
         """Clean training images (no flip), sharded without padding: for latent statistics."""
         ds = self.dataset("train", flip=False)
         world, rank = self._world()
-        sampler = UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
-        return DataLoader(ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs())
+        sampler = (
+            UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        )
+        return DataLoader(
+            ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs()
+        )

@@ -43,7 +43,9 @@ def find_images(root: str | Path, setting: str = "data.root") -> list[Path]:
     """All image files under `root` (recursive), sorted; clear errors for missing or empty roots."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"{setting}={root} does not exist; point {setting} at a folder of images")
+        raise FileNotFoundError(
+            f"{setting}={root} does not exist; point {setting} at a folder of images"
+        )
     if root.is_file():
         return [root]
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -75,7 +77,9 @@ def decode_rgb(path: Path) -> torch.Tensor:
                 arr = np.clip(arr, 0, 65535) >> 8
                 arr = np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
             elif mode == "F":
-                raise ImageFileError(f"{path}: floating-point images are not supported; save as 8/16-bit")
+                raise ImageFileError(
+                    f"{path}: floating-point images are not supported; save as 8/16-bit"
+                )
             else:
                 if mode in ("RGBA", "LA", "PA"):
                     img = img.convert(mode[:-1] if mode != "PA" else "P")

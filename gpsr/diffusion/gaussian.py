@@ -86,7 +86,9 @@ class GaussianDiffusion:
         time_scale: the network sees `t * time_scale / T` (1000 in the paper).
     """
 
-    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", time_scale: float = 1000.0):
+    def __init__(
+        self, num_timesteps: int = 1000, schedule: str = "linear", time_scale: float = 1000.0
+    ):
         self.num_timesteps = int(num_timesteps)
         self.time_scale = float(time_scale)
         self.betas = make_betas(schedule, self.num_timesteps)
@@ -101,7 +103,9 @@ class GaussianDiffusion:
         abar = _gather(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
 
-    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t(
+        self, n: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Uniform timesteps `t ~ U{0..T-1}`: (n,) long."""
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
@@ -155,7 +159,10 @@ class GaussianDiffusion:
             abar_t = abars[t].item()
             x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
             if clip is not None:
-                x0 = torch.maximum(torch.minimum(x0, torch.as_tensor(clip[1]).to(x0)), torch.as_tensor(clip[0]).to(x0))
+                x0 = torch.maximum(
+                    torch.minimum(x0, torch.as_tensor(clip[1]).to(x0)),
+                    torch.as_tensor(clip[0]).to(x0),
+                )
             if i == len(ts) - 1:
                 break
             eps = (x - math.sqrt(abar_t) * x0) / math.sqrt(1 - abar_t)

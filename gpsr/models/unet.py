@@ -50,9 +50,7 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """(N, c_in, h, w) + embedding (N, emb) -> (N, c_out, h, w)."""
 
-    def __init__(
-        self, c_in: int, emb_dim: int, c_out: int, dropout: float, scale_shift_norm: bool
-    ):
+    def __init__(self, c_in: int, emb_dim: int, c_out: int, dropout: float, scale_shift_norm: bool):
         super().__init__()
         self.scale_shift_norm = scale_shift_norm
         self.in_layers = nn.Sequential(_norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
@@ -91,7 +89,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(n, c, h * w))
-        q, k, v = rearrange(qkv, "n (three heads d) l -> three n heads l d", three=3, heads=self.num_heads)
+        q, k, v = rearrange(
+            qkv, "n (three heads d) l -> three n heads l d", three=3, heads=self.num_heads
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "n heads l d -> n (heads d) l")
         return x + self.proj_out(out).reshape(n, c, h, w)
@@ -100,7 +100,9 @@ class AttentionBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        self.op = (
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -160,7 +162,9 @@ class UNet(nn.Module):
         def res(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, emb_dim, c_out, dropout, scale_shift_norm)
 
-        self.input_blocks = nn.ModuleList([_Step([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList(
+            [_Step([nn.Conv2d(in_channels, model_channels, 3, padding=1)])]
+        )
         skips, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):

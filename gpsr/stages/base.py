@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from gpsr.checkpoint import FORMAT_VERSION
+from gpsr.checkpoint import FORMAT_VERSION, state_digest
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,14 @@ class StageModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
         clip = self.grad_clip if gradient_clip_val is None else gradient_clip_val
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -89,7 +94,9 @@ class StageModule(L.LightningModule):
         step = self.global_step
         if self.nonfinite == "skip":
             self.skipped_steps += 1
-            log.warning("non-finite loss at step %d: step skipped (%d so far)", step, self.skipped_steps)
+            log.warning(
+                "non-finite loss at step %d: step skipped (%d so far)", step, self.skipped_steps
+            )
             return None
         raise NonFiniteLossError(
             f"the {self.stage} loss became {loss.item()} at step {step}; the run stops here and "
@@ -102,7 +109,11 @@ class StageModule(L.LightningModule):
         return {"stage": self.stage, "scale": int(self.hparams["scale"]), "version": FORMAT_VERSION}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gpsr"] = self.gpsr_metadata()
+        # The digest lets every later load detect weights changed after saving.
+        checkpoint["gpsr"] = {
+            **self.gpsr_metadata(),
+            "sha256": state_digest(checkpoint["state_dict"]),
+        }
 
     # ------------------------------------------------------------------ validation panel
     def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,9 @@ __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
 def ema_avg_fn(decay: float, warmup: bool = True):
     """EMA update for `AveragedModel`; with warmup the decay is min(decay, (1+n)/(10+n))."""
 
-    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+    def avg(
+        averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor
+    ) -> torch.Tensor:
         n = float(num_averaged)
         d = min(decay, (1 + n) / (10 + n)) if warmup else decay
         return d * averaged + (1 - d) * current
@@ -85,12 +87,21 @@ class LatentDiffusionModule(StageModule):
                 f"{unet.get('out_channels')}"
             )
         unet.update(in_channels=4 * c, out_channels=3 * c)
-        self.save_hyperparameters({
-            "flow_ckpt": flow_ckpt, "scale": scale, "flow": flow, "unet": unet,
-            "diffusion": diffusion, "ema_decay": ema_decay, "ema_warmup": ema_warmup,
-            "val_steps": val_steps, "val_eta": val_eta, "val_seed": val_seed,
-            "panel_samples": panel_samples,
-        })
+        self.save_hyperparameters(
+            {
+                "flow_ckpt": flow_ckpt,
+                "scale": scale,
+                "flow": flow,
+                "unet": unet,
+                "diffusion": diffusion,
+                "ema_decay": ema_decay,
+                "ema_warmup": ema_warmup,
+                "val_steps": val_steps,
+                "val_eta": val_eta,
+                "val_seed": val_seed,
+                "panel_samples": panel_samples,
+            }
+        )
         self.unet = UNet(**unet)
         self.ema = AveragedModel(self.unet, avg_fn=ema_avg_fn(ema_decay, ema_warmup))
         self.ema.requires_grad_(False)
@@ -144,15 +155,26 @@ class LatentDiffusionModule(StageModule):
 
     # ------------------------------------------------------------------ sampling
     def sample(
-        self, lr: torch.Tensor, indices, steps: int | None = None, eta: float | None = None, seed: int | None = None
+        self,
+        lr: torch.Tensor,
+        indices,
+        steps: int | None = None,
+        eta: float | None = None,
+        seed: int | None = None,
     ) -> torch.Tensor:
         """EMA-weight GPSR samples: lr (N, C, h, w) in [-1, 1] -> (N, C, sh, sw) in [0, 1]."""
         steps = self.hparams["val_steps"] if steps is None else steps
         eta = self.hparams["val_eta"] if eta is None else eta
         noise = IndexNoise(indices, self.hparams["val_seed"] if seed is None else seed, lr.device)
         x = super_resolve(
-            self.flow, lr, steps, unet=self.ema.module, diffusion=self.diffusion, stats=self.stats,
-            eta=eta, noise_fn=noise,
+            self.flow,
+            lr,
+            steps,
+            unet=self.ema.module,
+            diffusion=self.diffusion,
+            stats=self.stats,
+            eta=eta,
+            noise_fn=noise,
         )
         return ops.to_unit(x).clamp(0, 1)
 
@@ -167,10 +189,12 @@ class LatentDiffusionModule(StageModule):
     def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         lr, hr = batch["lr"], ops.to_unit(batch["hr"])
         idx = batch["index"].tolist()
-        samples = torch.stack([
-            self.sample(lr, idx, seed=self.hparams["val_seed"] + k)
-            for k in range(max(1, self.hparams["panel_samples"]))
-        ])
+        samples = torch.stack(
+            [
+                self.sample(lr, idx, seed=self.hparams["val_seed"] + k)
+                for k in range(max(1, self.hparams["panel_samples"]))
+            ]
+        )
         std = samples.std(0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
         return {
             "LR": ops.to_unit(ops.upsample_nearest(lr, self.flow.scale)).clamp(0, 1),

@@ -35,7 +35,11 @@ def flow_loss_terms(
     dims_c, dims_z = coarse[0].numel(), latent[0].numel()
     dims = x[0].numel()
     # -log p with the Gaussian normalisers, plus the 8-bit bin volume in [-1, 1] units.
-    nll = loss + 0.5 * dims_z * math.log(2 * math.pi) + 0.5 * dims_c * math.log(2 * math.pi * sigma**2)
+    nll = (
+        loss
+        + 0.5 * dims_z * math.log(2 * math.pi)
+        + 0.5 * dims_c * math.log(2 * math.pi * sigma**2)
+    )
     bpd = (nll / dims + math.log(127.5)) / math.log(2)
     return {
         "loss": loss.mean(),
@@ -72,7 +76,9 @@ class FlowModule(StageModule):
     ):
         super().__init__(optimizer, scheduler, grad_clip, nonfinite)
         flow = plain(dict(flow or {}))
-        self.save_hyperparameters({"scale": scale, "flow": flow, "sigma": sigma, "val_seed": val_seed})
+        self.save_hyperparameters(
+            {"scale": scale, "flow": flow, "sigma": sigma, "val_seed": val_seed}
+        )
         self.flow = DegradationFlow(scale=scale, **flow)
         self.sigma = sigma
         self.coarse_mse = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
@@ -98,7 +104,9 @@ class FlowModule(StageModule):
             "flow_sample": super_resolve(self.flow, lr, steps=0, noise_fn=noise),
         }
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, split: str = "val") -> dict[str, Any]:
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, split: str = "val"
+    ) -> dict[str, Any]:
         """Flow-only samples (z ~ N(0, I) and z = 0) for the metrics callback, and the flow's
         own fit `mean((coarse - U_k(lr))^2)` per image ([-1, 1] units)."""
         hr, lr = batch["hr"], batch["lr"]
@@ -125,7 +133,9 @@ class FlowModule(StageModule):
         }
 
 
-def flow_from_checkpoint(path: str, scale: int | None = None) -> tuple[DegradationFlow, dict[str, Any]]:
+def flow_from_checkpoint(
+    path: str, scale: int | None = None
+) -> tuple[DegradationFlow, dict[str, Any]]:
     """Build the trained flow of a flow-stage checkpoint: -> (flow in eval mode, its hparams).
 
     Refuses, with one clear line, a missing file, a non-gpsr file, a checkpoint of another
@@ -141,5 +151,7 @@ def flow_from_checkpoint(path: str, scale: int | None = None) -> tuple[Degradati
     try:
         flow.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path}: flow weights do not match its settings ({err})") from err
+        raise CheckpointError(
+            f"checkpoint {path}: flow weights do not match its settings ({err})"
+        ) from err
     return flow.eval(), hp

@@ -1,0 +1,275 @@
+"""The command-line entry points end to end (slow: each runs in a fresh process)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from gpsr import ops
+from gpsr.cli import check_output_dir
+from tests.conftest import FAST, run_cli
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["logger=csv", *FAST]
+
+
+def test_train_both_stages_then_evaluate(tmp_path):
+    flow_dir, ddpm_dir, eval_dir = tmp_path / "flow", tmp_path / "ddpm", tmp_path / "eval"
+    run_cli("train", "stage=flow", *QUIET, f"hydra.run.dir={flow_dir}", cwd=tmp_path)
+    flow_ckpt = flow_dir / "checkpoints" / "last.ckpt"
+    assert flow_ckpt.is_file() and list((flow_dir / "samples").glob("*.png"))
+    metrics = json.loads((flow_dir / "metrics.json").read_text())
+    for key in (
+        "train/loss",
+        "train/coarse",
+        "train/latent",
+        "train/logdet",
+        "train/bpd",
+        "val/coarse_mse",
+        "val/flow_sample/psnr",
+        "val/flow_zero/ssim",
+        "test/flow_sample/consistency",
+    ):
+        assert key in metrics, key
+    run_cli(
+        "train",
+        "stage=ddpm",
+        f"flow_ckpt={flow_ckpt}",
+        *QUIET,
+        f"hydra.run.dir={ddpm_dir}",
+        cwd=tmp_path,
+    )
+    ddpm_ckpt = ddpm_dir / "checkpoints" / "last.ckpt"
+    assert "val/gpsr/psnr" in json.loads((ddpm_dir / "metrics.json").read_text())
+    run_cli(
+        "evaluate",
+        f"ckpt={ddpm_ckpt}",
+        "sampler.steps=3",
+        "sampler.project=true",
+        "sampler.samples=2",
+        "data.demo_count=64",
+        "progress=false",
+        f"hydra.run.dir={eval_dir}",
+        cwd=tmp_path,
+    )
+    result = json.loads((eval_dir / "metrics.json").read_text())
+    assert set(result["methods"]) == {"bicubic", "pseudoinverse", "flow", "gpsr", "gpsr_projected"}
+    for name, m in result["methods"].items():
+        assert {"psnr", "ssim", "consistency", "seconds_per_image", "nfe"} <= set(m), name
+    assert result["methods"]["gpsr"]["nfe"] == "3+1" and result["methods"]["flow"]["nfe"] == "0+1"
+    assert result["images"] == 5 and result["samples_per_image"] == 2
+    proj = result["methods"]["gpsr_projected"]
+    assert proj["consistency"] < 1e-4 and proj["projection_iterations"]["max"] >= 1
+    assert "| gpsr | 3+1 |" in (eval_dir / "metrics.md").read_text()
+    assert (eval_dir / "panel.png").is_file()
+
+
+def test_nfe_sweep_writes_one_report(tmp_path, ddpm_ckpt):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "evaluate",
+        "-m",
+        f"ckpt={ddpm_ckpt}",
+        "sampler.steps=1,2",
+        "data.demo_count=64",
+        "progress=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    jobs = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
+    assert jobs == ["0", "1"]
+    steps = [json.loads((sweep / j / "metrics.json").read_text())["sampler"]["steps"] for j in jobs]
+    assert sorted(steps) == [1, 2]
+    # The Hydra callback wrote the report at the end of the multirun ...
+    report = (sweep / "report.md").read_text()
+    assert "| gpsr | 1+1 |" in report and "| gpsr | 2+1 |" in report and "| bicubic | 0 |" in report
+    assert (sweep / "report.png").stat().st_size > 10_000
+    # ... and the stand-alone command rebuilds it.
+    (sweep / "report.md").unlink()
+    proc = run_cli("report", str(sweep), cwd=tmp_path)
+    assert "| gpsr | 2+1 |" in proc.stdout and (sweep / "report.md").is_file()
+    rows = json.loads((sweep / "report.json").read_text())
+    assert {r["method"] for r in rows} >= {"gpsr", "flow", "bicubic", "pseudoinverse"}
+
+
+def _leet(run_root: Path, *args: str) -> str:
+    exe = shutil.which("wandb") or str(Path(__import__("sys").executable).parent / "wandb")
+    return subprocess.run(
+        [exe, "leet", "inspect", *args, str(run_root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+
+
+def test_wandb_offline_run_reads_back(tmp_path, flow_ckpt):
+    out = tmp_path / "wb"
+    run_cli(
+        "train",
+        "stage=flow",
+        "logger=wandb",
+        *FAST,
+        "trainer.log_every_n_steps=2",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        env={"WANDB_API_KEY": ""},
+    )
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # offline by default: no account, no network
+    records = [json.loads(line) for line in _leet(runs[0], "--json").splitlines() if line.strip()]
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    keys = set().union(*history)
+    for key in (
+        "train/loss",
+        "train/bpd",
+        "val/flow_sample/psnr",
+        "val/flow_zero/consistency",
+        "lr-AdamW",
+    ):
+        assert key in keys, key
+    panels = [h for h in history if "val/panel.filenames" in h]
+    assert panels and panels[0]["val/panel.format"] == "png"
+    png = runs[0] / "files" / panels[0]["val/panel.filenames"][0]
+    arr = np.asarray(Image.open(png))
+    assert arr.dtype == np.uint8 and arr.max() > 50  # a real picture, not a black float image
+    summary = json.loads(_leet(runs[0], "--summary", "--json"))
+    assert (
+        summary["exit_code"] == 0
+        and summary["project"] == "gpsr"
+        and "stage-flow" in summary["tags"]
+    )
+    # Each multirun job of an evaluation is its own run in one group, closed properly.
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "evaluate",
+        "-m",
+        f"ckpt={flow_ckpt}",
+        "logger=wandb",
+        "logger.wandb.group=nfe-sweep",
+        "seed=0,1",
+        "data.demo_count=64",
+        "progress=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    eval_runs = sorted(sweep.glob("*/wandb/offline-run-*"))
+    assert len(eval_runs) == 2
+    for run in eval_runs:
+        s = json.loads(_leet(run, "--summary", "--json"))
+        assert s["exit_code"] == 0 and "eval/flow/psnr" in json.dumps(s["summary"])
+
+
+def test_sample_cli_processes_good_files_and_names_bad_ones(tmp_path, ddpm_ckpt):
+    src = tmp_path / "lr"
+    src.mkdir()
+    # A real bicubic LR (8-bit PNG), so a consistent HR image inside [0, 1] exists.
+    hr = (
+        torch.from_numpy(skimage.data.astronaut()[:256:4, 128:384:4].copy()).permute(2, 0, 1)[None]
+        / 255.0
+    )
+    lr = ops.degrade(hr.double(), 8)[0].permute(1, 2, 0).clamp(0, 1).mul(255).round().byte().numpy()
+    Image.fromarray(lr).save(src / "astro.png")
+    Image.fromarray(skimage.data.coffee()[:27:3, :30:3]).save(src / "odd.jpg")
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "sr"
+    proc = run_cli(
+        "sample",
+        f"ckpt={ddpm_ckpt}",
+        f"input={src}",
+        f"output={out}",
+        "samples=3",
+        "steps=2",
+        "save_float=true",
+        "project=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert (
+        "broken.png: cannot be decoded" in proc.stderr and "notes.txt: not an image" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert (out / "astro_sr0.png").is_file() and (out / "astro_std.png").is_file()
+    sr = np.load(out / "astro_sr1.npy")
+    assert sr.shape == (64, 64, 3) and sr.dtype == np.float32
+    assert (out / "odd_sr0.png").is_file()  # 10x9: processed (cropped only when needed)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("astro.png"))
+    assert "consistency x1e-5: float" in line
+    assert float(line.split("float ")[1].split(",")[0]) < 1e-3  # projected: consistent
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["stage=gan"], "Could not find 'stage/gan'"),
+        (["data.size=36"], "data.size=36 of size 36x36 is not divisible by the scale 8"),
+        (["stage=ddpm"], "stage=ddpm needs a trained flow: set flow_ckpt="),
+        (
+            ["stage=ddpm", "flow_ckpt=/nonexistent.ckpt"],
+            "checkpoint /nonexistent.ckpt does not exist",
+        ),
+        (["scale=3", "data.size=30"], "flow scale must be an even integer"),
+    ],
+)
+def test_config_errors_are_one_clear_line(tmp_path, args, message):
+    proc = run_cli(
+        "train", *args, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_wrong_checkpoints_are_one_clear_line(tmp_path, flow_ckpt, ddpm_ckpt):
+    proc = run_cli(
+        "train", "stage=ddpm", f"flow_ckpt={ddpm_ckpt}", "logger=csv", cwd=tmp_path, check=False
+    )
+    assert "is a 'ddpm' checkpoint, but a 'flow' checkpoint is needed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli(
+        "train",
+        "stage=ddpm",
+        f"flow_ckpt={flow_ckpt}",
+        "scale=4",
+        "logger=csv",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert "trained for scale 8, but this run uses scale=4" in proc.stderr
+    tampered = tmp_path / "tampered.ckpt"
+    data = bytearray(flow_ckpt.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
+    tampered.write_bytes(bytes(data))
+    proc = run_cli("evaluate", f"ckpt={tampered}", cwd=tmp_path, check=False)
+    assert (
+        proc.returncode == 1
+        and "gpsr: error: checkpoint" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+
+
+def test_unwritable_output_dir_fails_early(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    proc = run_cli("train", "logger=csv", f"hydra.run.dir={blocker}/run", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        f"output directory {blocker}/run cannot be created ({blocker} is not a folder)"
+        in proc.stderr
+    )
+
+
+def test_full_disk_is_reported_with_sizes(tmp_path):
+    with pytest.raises(PermissionError, match=r"MiB free on the disk of .*needs about"):
+        check_output_dir(tmp_path, need_bytes=2**62)
+    assert check_output_dir(tmp_path / "new", need_bytes=1).is_dir()
