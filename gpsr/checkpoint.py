@@ -23,7 +23,7 @@ __all__ = [
     "load_checkpoint",
     "check_gpsr_checkpoint",
     "find_last_checkpoint",
-    "state_digest",
+    "checkpoint_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -33,16 +33,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
-def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors."""
+def checkpoint_digest(obj: Any) -> str:
+    """SHA-256 over a checkpoint's whole content (tensors by dtype, shape and bytes; plain
+    values by type and value), leaving out the digest field `ckpt["gpsr"]["sha256"]` itself."""
     h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name]
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def visit(o: Any, path: str) -> None:
+        if isinstance(o, dict):
+            keys = sorted((k for k in o if f"{path}/{k}" != "/gpsr/sha256"), key=str)
+            h.update(f"{path}:dict{len(keys)}|".encode())
+            for key in keys:
+                visit(o[key], f"{path}/{key}")
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{path}:{type(o).__name__}{len(o)}|".encode())
+            for i, v in enumerate(o):
+                visit(v, f"{path}/{i}")
+        elif isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"{path}:{t.dtype}{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{path}:{type(o).__name__}={o!r}|".encode())
+
+    visit(obj, "")
     return h.hexdigest()
 
 
@@ -85,10 +98,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise CheckpointError(
             f"checkpoint {path} is not a gpsr checkpoint (got {type(ckpt).__name__})"
         )
-    digest = ckpt.get("gpsr", {}).get("sha256") if isinstance(ckpt.get("gpsr"), dict) else None
-    if digest is not None and state_digest(ckpt.get("state_dict", {})) != digest:
+    digest = ckpt["gpsr"].get("sha256") if isinstance(ckpt.get("gpsr"), dict) else None
+    if digest is not None and checkpoint_digest(ckpt) != digest:
         raise CheckpointError(
-            f"checkpoint {path} failed its integrity check: its weights changed after it was "
+            f"checkpoint {path} failed its integrity check: its content changed after it was "
             f"saved (tampered with or corrupted)"
         )
     return ckpt
@@ -129,6 +142,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
+        if isinstance(checkpoint.get("gpsr"), dict):
+            # Sealed last, over the final content, so any later change is detected on load.
+            checkpoint["gpsr"]["sha256"] = checkpoint_digest(checkpoint)
         atomic_save(checkpoint, path)
 
     def load_checkpoint(

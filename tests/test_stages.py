@@ -212,3 +212,26 @@ def test_nonfinite_loss_stops_or_skips():
     _trainer(5).fit(module, datamodule=dm)
     assert module.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_checkpoint_digest_detects_any_change(tmp_path, flow_ckpt):
+    from gpsr.checkpoint import AtomicCheckpointIO, checkpoint_digest
+
+    ckpt = load_checkpoint(flow_ckpt)  # verified on load
+    assert len(ckpt["gpsr"]["sha256"]) == 64
+    io = AtomicCheckpointIO()
+    path = tmp_path / "copy.ckpt"
+    io.save_checkpoint(ckpt, path)
+    assert io.load_checkpoint(path)["gpsr"]["sha256"] == checkpoint_digest(ckpt)
+    for change in ("weights", "optimizer", "step"):
+        bad = load_checkpoint(path)
+        if change == "weights":
+            next(iter(bad["state_dict"].values())).view(-1)[0] += 1e-3
+        elif change == "optimizer":
+            state = bad["optimizer_states"][0]["state"]
+            next(iter(state.values()))["exp_avg"].view(-1)[0] += 1e-3
+        else:
+            bad["global_step"] += 1
+        torch.save(bad, tmp_path / "bad.ckpt")  # re-saved without re-sealing
+        with pytest.raises(CheckpointError, match="failed its integrity check"):
+            load_checkpoint(tmp_path / "bad.ckpt")

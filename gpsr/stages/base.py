@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from gpsr.checkpoint import FORMAT_VERSION, state_digest
+from gpsr.checkpoint import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,8 @@ class StageModule(L.LightningModule):
         return {"stage": self.stage, "scale": int(self.hparams["scale"]), "version": FORMAT_VERSION}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The digest lets every later load detect weights changed after saving.
-        checkpoint["gpsr"] = {
-            **self.gpsr_metadata(),
-            "sha256": state_digest(checkpoint["state_dict"]),
-        }
+        # AtomicCheckpointIO seals this with a digest of the whole checkpoint.
+        checkpoint["gpsr"] = self.gpsr_metadata()
 
     # ------------------------------------------------------------------ validation panel
     def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
