@@ -47,8 +47,9 @@ class SRMetricsCallback(Callback):
             for name, value in metric.compute().items():
                 key = f"{prefix}/{method}/{name}"
                 self.last[key] = value
-                # Already reduced across processes by torchmetrics.
-                pl_module.log(key, value, sync_dist=False)
+                # Already reduced across processes by torchmetrics; sync_dist only averages
+                # identical values (and keeps Lightning from warning).
+                pl_module.log(key, value, sync_dist=True)
             metric.reset()
 
     def on_validation_batch_end(

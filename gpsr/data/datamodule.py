@@ -16,8 +16,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from gpsr import ops
 from gpsr.data.demo import demo_crops
@@ -268,17 +269,13 @@ class GPSRDataModule(L.LightningDataModule):
                 f"the train split has {len(ds)} images, fewer than data.batch_size={self.batch_size} "
                 f"x {world} processes; lower data.batch_size"
             )
-        kwargs = self._loader_kwargs()
-        if world > 1:
-            sampler = DistributedSampler(
-                ds, world, rank, shuffle=True, seed=self.seed, drop_last=True
-            )
-            return StatefulDataLoader(
-                ds, self.batch_size, sampler=sampler, drop_last=True, **kwargs
-            )
-        gen = torch.Generator().manual_seed(self.seed)
+        # The shuffle is a function of (seed, epoch) only, also for one process, so a
+        # resumed run replays the same order; StatefulDataLoader skips what was consumed.
+        sampler = StatefulDistributedSampler(
+            ds, world, rank, shuffle=True, seed=self.seed, drop_last=True
+        )
         return StatefulDataLoader(
-            ds, self.batch_size, shuffle=True, generator=gen, drop_last=True, **kwargs
+            ds, self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
         )
 
     def eval_dataloader(self, split: str) -> DataLoader:

@@ -1,0 +1,169 @@
+"""Runs are resumable: SIGKILL mid-run, then resume; exact data order; EMA and W&B run id."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from gpsr.checkpoint import AtomicCheckpointIO, load_checkpoint
+from gpsr.data import GPSRDataModule
+from gpsr.loggers import wandb_logger
+from gpsr.stages import FlowModule, LatentDiffusionModule
+from tests.conftest import REPO, run_cli
+
+SMALL_FLOW = {"num_blocks": 2, "num_convs": 3, "growth": 8}
+
+
+class Recorder(Callback):
+    """The image indices of every training batch, with the step they were used at."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, batch["index"].tolist()))
+
+
+def _fit(module, dm, steps, dirpath, ckpt_path=None, every=None):
+    rec = Recorder()
+    cbs = [rec]
+    if every:
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=dirpath,
+                every_n_train_steps=every,
+                save_top_k=-1,
+                filename="s{step}",
+                auto_insert_metric_name=False,
+                save_last=True,
+            )
+        )
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=cbs,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=bool(every),
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, rec.seen
+
+
+def test_resume_continues_data_order_optimizer_and_schedule(tmp_path):
+    """6 batches per epoch; stop at step 10 (mid-epoch 2), resume: batches 11-20 are the same."""
+
+    def make():
+        torch.manual_seed(0)
+        opt = functools.partial(torch.optim.AdamW, lr=1e-3)
+        sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=4, gamma=0.5)
+        return FlowModule(scale=8, flow=SMALL_FLOW, optimizer=opt, scheduler=sched)
+
+    def dm():
+        return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64, seed=3)
+
+    _, full = _fit(make(), dm(), 20, tmp_path / "a", every=10)
+    ckpt = tmp_path / "a" / "s10.ckpt"
+    assert ckpt.is_file()
+    trainer, resumed = _fit(make(), dm(), 20, tmp_path / "b", ckpt_path=str(ckpt))
+    assert trainer.global_step == 20
+    assert resumed == full[10:]  # same steps, same images, same order
+    opt = trainer.optimizers[0]
+    assert opt.state_dict()["state"][0]["step"].item() == 20
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(
+        1e-3 * 0.5**5
+    )
+
+
+def test_ddpm_resume_restores_ema(tmp_path, flow_ckpt):
+    unet = {
+        "model_channels": 32,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [8],
+        "image_size": 16,
+        "num_heads": 2,
+    }
+
+    def make():
+        return LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=unet, ema_decay=0.99)
+
+    dm = GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64)
+    _fit(make(), dm, 6, tmp_path / "a", every=3)
+    first = load_checkpoint(tmp_path / "a" / "s3.ckpt")["state_dict"]
+    assert int(first["ema.n_averaged"]) == 3
+    module = make()
+    _fit(
+        module,
+        GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64),
+        6,
+        tmp_path / "b",
+        ckpt_path=str(tmp_path / "a" / "s3.ckpt"),
+    )
+    assert int(module.ema.n_averaged) == 6
+    final = load_checkpoint(tmp_path / "a" / "last.ckpt")["state_dict"]
+    for k in final:
+        if k.startswith("stats."):
+            assert torch.equal(final[k], module.state_dict()[k]), k
+
+
+def test_wandb_run_id_is_kept_for_resume(tmp_path):
+    a = wandb_logger(str(tmp_path), offline=True)
+    b = wandb_logger(str(tmp_path), offline=True)
+    assert a.version == b.version and (tmp_path / "wandb_run_id.txt").read_text() == a.version
+    assert wandb_logger(str(tmp_path / "other"), offline=True).version != a.version
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "stage=flow",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.val_check_interval=1000",
+        "data.batch_size=8",
+        "data.demo_count=64",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "test_after_fit=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "GPSR_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpsr.train", *args, "trainer.max_steps=100000"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpts = run_dir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(ckpts.glob("step*.ckpt"))) < 4:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-run, possibly mid-write
+    proc.wait()
+    files = sorted(ckpts.glob("*.ckpt"))
+    assert len(files) >= 4
+    steps = {f.name: load_checkpoint(f)["global_step"] for f in files}  # none is corrupt
+    last_step = steps["last.ckpt"]
+    assert last_step >= 12 and last_step % 3 == 0
+    target = last_step + 6
+    run_cli("train", *args, "ckpt_path=auto", f"trainer.max_steps={target}", cwd=tmp_path)
+    final = load_checkpoint(ckpts / "last.ckpt")
+    assert final["global_step"] == target
+    log = (run_dir / "train.log").read_text()
+    assert "resume=auto" in log and "last.ckpt" in log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "train/loss" in metrics
