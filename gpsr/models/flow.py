@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gpsr import ops
 
@@ -121,6 +122,8 @@ class DegradationFlow(nn.Module):
         self.blocks = nn.ModuleList(
             CouplingBlock(channels, num_convs, growth, clamp) for _ in range(num_blocks)
         )
+        # Activation checkpointing per block (see gpsr.speed.apply_speedups).
+        self.checkpointing = False
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -136,8 +139,12 @@ class DegradationFlow(nn.Module):
         self._check_image(x)
         c, d = ops.haar2d(x)
         logdet = x.new_zeros(x.shape[0])
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            c, d, ld = block(c, d)
+            if recompute:
+                c, d, ld = checkpoint(block, c, d, use_reentrant=False)
+            else:
+                c, d, ld = block(c, d)
             logdet = logdet + ld
         return c, d, logdet
 

@@ -44,6 +44,8 @@ class StageModule(L.LightningModule):
         grad_clip: gradient-norm clip (0 or None disables).
         nonfinite: "raise" stops the run on a NaN / inf loss (the last good checkpoint is
             kept); "skip" skips that step on every process.
+        speed: {checkpointing, channels_last, compile, tf32} (see gpsr.speed); "auto" means
+            on for CUDA only.
     """
 
     stage: str = ""
@@ -54,8 +56,10 @@ class StageModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         grad_clip: float | None = None,
         nonfinite: str = "raise",
+        speed: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.speed = dict(speed or {})
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"stage.module.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
@@ -63,6 +67,18 @@ class StageModule(L.LightningModule):
         self.grad_clip = grad_clip
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+
+    def setup(self, stage: str) -> None:
+        from gpsr.speed import apply_speedups, resolve_auto, set_tf32
+
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        opts = {k: resolve_auto(self.speed.get(k, False), device) for k in
+                ("checkpointing", "channels_last", "compile", "tf32")}
+        set_tf32(opts.pop("tf32"))
+        self.apply_speedups(**opts)
+
+    def apply_speedups(self, checkpointing: bool, channels_last: bool, compile: bool) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -13,6 +13,7 @@ from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.sampling import IndexNoise, LatentStats, super_resolve
+from gpsr.speed import apply_speedups
 from gpsr.stages.base import StageModule, plain
 from gpsr.stages.flow import flow_from_checkpoint
 
@@ -65,8 +66,9 @@ class LatentDiffusionModule(StageModule):
         grad_clip: float | None = 1.0,
         nonfinite: str = "raise",
         flow: dict[str, Any] | None = None,
+        speed: dict[str, Any] | None = None,
     ):
-        super().__init__(optimizer, scheduler, grad_clip, nonfinite)
+        super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed)
         if flow is None:  # training: read the trained flow
             if not flow_ckpt:
                 raise ValueError(
@@ -110,6 +112,10 @@ class LatentDiffusionModule(StageModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.unet.parameters())
+
+    def apply_speedups(self, checkpointing: bool, channels_last: bool, compile: bool) -> None:
+        # The flow is frozen (no backward), so it never needs checkpointing here.
+        apply_speedups(self.flow, self.unet, False, channels_last, compile)
 
     def train(self, mode: bool = True):
         super().train(mode)

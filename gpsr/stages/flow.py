@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 from gpsr import ops
 from gpsr.models.flow import DegradationFlow
 from gpsr.sampling import IndexNoise, super_resolve
+from gpsr.speed import apply_speedups
 from gpsr.stages.base import StageModule, plain
 
 __all__ = ["FlowModule", "flow_loss_terms"]
@@ -73,8 +74,9 @@ class FlowModule(StageModule):
         scheduler=None,
         grad_clip: float | None = 10.0,
         nonfinite: str = "raise",
+        speed: dict[str, Any] | None = None,
     ):
-        super().__init__(optimizer, scheduler, grad_clip, nonfinite)
+        super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed)
         flow = plain(dict(flow or {}))
         self.save_hyperparameters(
             {"scale": scale, "flow": flow, "sigma": sigma, "val_seed": val_seed}
@@ -82,6 +84,9 @@ class FlowModule(StageModule):
         self.flow = DegradationFlow(scale=scale, **flow)
         self.sigma = sigma
         self.coarse_mse = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    def apply_speedups(self, checkpointing: bool, channels_last: bool, compile: bool) -> None:
+        apply_speedups(self.flow, None, checkpointing, channels_last, compile)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         x = ops.dequantize(batch["hr"])
