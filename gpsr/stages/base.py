@@ -69,11 +69,13 @@ class StageModule(L.LightningModule):
         self.skipped_steps = 0
 
     def setup(self, stage: str) -> None:
-        from gpsr.speed import apply_speedups, resolve_auto, set_tf32
+        from gpsr.speed import resolve_auto, set_tf32
 
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        opts = {k: resolve_auto(self.speed.get(k, False), device) for k in
-                ("checkpointing", "channels_last", "compile", "tf32")}
+        opts = {
+            k: resolve_auto(self.speed.get(k, False), device)
+            for k in ("checkpointing", "channels_last", "compile", "tf32")
+        }
         set_tf32(opts.pop("tf32"))
         self.apply_speedups(**opts)
 

@@ -1,0 +1,39 @@
+"""The benchmark runs on CPU with tiny configs and writes the agreed fields (no timing asserted)."""
+
+import json
+
+from gpsr.benchmark import run_benchmark
+from tests.conftest import compose_cfg
+
+TINY = [
+    "model/flow=small",
+    "model/unet=small",
+    "size=32",
+    "repeats=1",
+    "warmup=0",
+    "batches.flow_train=[2]",
+    "batches.ddpm_train=[2]",
+    "batches.flow_inverse=[2]",
+    "batches.sample_7=[2]",
+    "batches.sample_100=[1]",
+]
+
+
+def test_benchmark_rows_and_trust_columns(tmp_path, ddpm_ckpt):
+    cfg = compose_cfg(
+        [*TINY, f"trust.ckpt={ddpm_ckpt}", "trust.images=4"], name="benchmark", output_dir=tmp_path
+    )
+    run_benchmark(cfg)
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = data["rows"]
+    names = {"flow_train", "ddpm_train", "flow_inverse", "sample_7", "sample_100"}
+    assert {(r["name"], r["mode"]) for r in rows} == {
+        (n, m) for n in names for m in ("reference", "optimized")
+    }
+    for r in rows:
+        assert set(r) >= {"name", "mode", "batch", "img_per_s", "tflops", "peak_gib", "device"}
+        assert r["img_per_s"] > 0 and r["tflops"] > 0 and r["device"].startswith("CPU")
+    trust = {t["mode"]: t for t in data["trust"]}
+    assert trust["reference"]["invertibility_max_abs"] < 1e-5  # fp32 inverts to float precision
+    assert trust["optimized"]["invertibility_max_abs"] < 1e-2
+    assert "speed-up" in (tmp_path / "benchmark.md").read_text()
