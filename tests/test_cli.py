@@ -246,6 +246,23 @@ def test_wrong_checkpoints_are_one_clear_line(tmp_path, flow_ckpt, ddpm_ckpt):
         check=False,
     )
     assert "trained for scale 8, but this run uses scale=4" in proc.stderr
+    proc = run_cli(
+        "train",
+        "stage=flow",
+        f"ckpt_path={flow_ckpt}",
+        "scale=4",
+        "logger=csv",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert (
+        "trained for scale 8, but this run uses scale=4" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
+    proc = run_cli(
+        "train", "stage=flow", f"ckpt_path={ddpm_ckpt}", "logger=csv", cwd=tmp_path, check=False
+    )
+    assert "is a 'ddpm' checkpoint, but a 'flow' checkpoint is needed" in proc.stderr
     tampered = tmp_path / "tampered.ckpt"
     data = bytearray(flow_ckpt.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64

@@ -18,8 +18,7 @@ from gpsr.data import GPSRDataModule
 from gpsr.loggers import wandb_logger
 from gpsr.stages import FlowModule, LatentDiffusionModule
 from tests.conftest import REPO, run_cli
-
-SMALL_FLOW = {"num_blocks": 2, "num_convs": 3, "growth": 8}
+from tests.helpers import SMALL_FLOW, SMALL_UNET
 
 
 class Recorder(Callback):
@@ -87,17 +86,11 @@ def test_resume_continues_data_order_optimizer_and_schedule(tmp_path):
 
 
 def test_ddpm_resume_restores_ema(tmp_path, flow_ckpt):
-    unet = {
-        "model_channels": 32,
-        "channel_mult": [1, 2],
-        "num_res_blocks": 1,
-        "attention_resolutions": [8],
-        "image_size": 16,
-        "num_heads": 2,
-    }
 
     def make():
-        return LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=unet, ema_decay=0.99)
+        return LatentDiffusionModule(
+            flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET, ema_decay=0.99
+        )
 
     dm = GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64)
     _fit(make(), dm, 6, tmp_path / "a", every=3)

@@ -13,21 +13,12 @@ from gpsr.data import GPSRDataModule
 from gpsr.inference import GPSR
 from gpsr.stages import FlowModule, LatentDiffusionModule, NonFiniteLossError, flow_loss_terms
 from gpsr.stages.ddpm import ema_avg_fn
-
-SMALL_FLOW = {"num_blocks": 2, "num_convs": 3, "growth": 8}
-SMALL_UNET = {
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [8],
-    "image_size": 16,
-    "num_heads": 2,
-    "dropout": 0.0,
-}
+from tests.helpers import SMALL_FLOW, SMALL_UNET
 
 
-def _trainer(steps: int) -> L.Trainer:
+def _trainer(steps: int, **kwargs) -> L.Trainer:
     return L.Trainer(
+        **kwargs,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -244,17 +235,7 @@ def test_bf16_mixed_precision_and_gradient_accumulation(stage, flow_ckpt):
         module = FlowModule(scale=8, flow=SMALL_FLOW)
     else:
         module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
-    trainer = L.Trainer(
-        max_steps=3,
-        precision="bf16-mixed",
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = _trainer(3, precision="bf16-mixed", accumulate_grad_batches=2)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 3  # optimiser steps, each over two batches
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in module.parameters())

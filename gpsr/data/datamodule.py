@@ -37,6 +37,17 @@ __all__ = ["GPSRDataModule", "ImageDataset", "split_indices"]
 SPLITS = ("train", "val", "test")
 
 
+def load_or_skip(path: Path, size: int, skip_corrupt: bool) -> torch.Tensor | None:
+    """`load_image`, or None with a warning for a bad file when `skip_corrupt` (else raise)."""
+    try:
+        return load_image(path, size)
+    except ImageFileError as err:
+        if not skip_corrupt:
+            raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
+        log.warning("skipping %s", err)
+        return None
+
+
 def split_indices(
     n: int, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[int]]:
@@ -87,15 +98,11 @@ class ImageDataset(Dataset):
         if isinstance(self.items, torch.Tensor):
             return self.items[index]
         for attempt in range(len(self.items)):
-            path = self.items[(index + attempt) % len(self.items)]
-            try:
-                return load_image(path, self.size)
-            except ImageFileError as err:
-                if not self.skip_corrupt:
-                    raise ImageFileError(
-                        f"{err}; remove it or set data.skip_corrupt=true"
-                    ) from None
-                log.warning("skipping %s", err)
+            img = load_or_skip(
+                self.items[(index + attempt) % len(self.items)], self.size, self.skip_corrupt
+            )
+            if img is not None:
+                return img
         raise ImageFileError("no decodable image left in this split")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
@@ -190,16 +197,9 @@ class GPSRDataModule(L.LightningDataModule):
         return kept
 
     def _decode_all(self, files: Sequence[Path]) -> torch.Tensor:
-        out = []
-        for path in files:
-            try:
-                out.append(load_image(path, self.size))
-            except ImageFileError as err:
-                if not self.skip_corrupt:
-                    raise ImageFileError(
-                        f"{err}; remove it or set data.skip_corrupt=true"
-                    ) from None
-                log.warning("skipping %s", err)
+        out = [
+            img for p in files if (img := load_or_skip(p, self.size, self.skip_corrupt)) is not None
+        ]
         if not out:
             raise ImageFileError("data.cache: no decodable images")
         return torch.stack(out)

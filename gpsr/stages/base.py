@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from gpsr.checkpoint import FORMAT_VERSION
+from gpsr.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,13 @@ class StageModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def gpsr_metadata(self) -> dict[str, Any]:
         return {"stage": self.stage, "scale": int(self.hparams["scale"]), "version": FORMAT_VERSION}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming from a checkpoint of the other stage or scale would load silently (the
+        # flow's weights have the same shapes at every scale): refuse it here.
+        check_gpsr_checkpoint(
+            checkpoint, "ckpt_path", stage=self.stage, scale=int(self.hparams["scale"])
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # AtomicCheckpointIO seals this with a digest of the whole checkpoint.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from gpsr.stages.base import StageModule, plain
 from gpsr.stages.flow import flow_from_checkpoint
 
 __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
+
+# The frozen flow is kept in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def ema_avg_fn(decay: float, warmup: bool = True):
