@@ -188,8 +188,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if proj_iters:
         its = torch.cat(proj_iters).float()
         note = (
-            f"\nProjection: alternating the consistency projection and clamping to [0, 1] took "
-            f"{its.mean().item():.1f} iterations per image on average (at most {int(its.max())}).\n"
+            f"\nProjection onto the consistent images inside [0, 1] (semi-smooth Newton, "
+            f"gpsr.ops.project_consistent_box) took {its.mean().item():.1f} iterations per image "
+            f"on average (at most {int(its.max())}).\n"
         )
     (output_dir / "metrics.md").write_text(
         f"# Evaluation of `{cfg.ckpt}`\n\n{n_images} images ({cfg.split} split), "
