@@ -160,3 +160,15 @@ def test_sigkill_then_resume_auto(tmp_path):
     assert "resume=auto" in log and "last.ckpt" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "train/loss" in metrics
+
+
+def test_wandb_is_offline_unless_a_key_or_an_explicit_setting(monkeypatch):
+    from gpsr.loggers import wandb_offline
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_offline(None) is True
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert wandb_offline(None) is False
+    assert wandb_offline(True) is True
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert wandb_offline(False) is False
