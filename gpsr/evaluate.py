@@ -192,9 +192,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"gpsr.ops.project_consistent_box) took {its.mean().item():.1f} iterations per image "
             f"on average (at most {int(its.max())}).\n"
         )
+    columns = " | ".join(panel) if panel is not None else ""
     (output_dir / "metrics.md").write_text(
         f"# Evaluation of `{cfg.ckpt}`\n\n{n_images} images ({cfg.split} split), "
         f"{cfg.sampler.samples} sample(s) each, eta={cfg.sampler.eta}, seed={cfg.seed}.\n\n{table}{note}"
+        f"\n`panel.png` columns: {columns}.\n"
     )
     if panel is not None:
         Image.fromarray(to_uint8_grid(panel, max_images=8)).save(output_dir / "panel.png")

@@ -171,13 +171,14 @@ def project_consistent_box(
     low: float = 0.0,
     high: float = 1.0,
     tol: float = 1e-13,
-    max_iter: int = 50,
+    max_iter: int = 300,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
     The Euclidean projection onto {D_s x = y} intersected with the box has the form
-    `x' = clamp(x + D_s^T lam)` with `D_s x' = y`; lam is found by a damped semi-smooth
-    Newton method whose linear systems `D M D^T` (M: unclamped pixels) are solved by conjugate
+    `x' = clamp(x + D_s^T lam)` with `D_s x' = y`; lam maximises the concave dual
+    `q(lam) = ||x' - x||^2 / 2 + <lam, y - D_s x'>` by a semi-smooth Newton method with Armijo
+    backtracking, whose linear systems `D M D^T` (M: unclamped pixels) are solved by conjugate
     gradients on the separable operator. Every iterate lies in the box; an image stops once
     its consistency `mean((D_s(x') - y)^2)` is at most `tol`. Computed in float64.
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units, y reachable inside the box ->
@@ -193,13 +194,15 @@ def project_consistent_box(
         return ah.T @ lam @ aw
 
     def state(lam: torch.Tensor):
+        """x'(lam), residual r = y - D x', dual objective q and consistency per image."""
         z = x64 + lift(lam)
         xp = z.clamp(low, high)
         r = y64 - ah @ xp @ aw.T
-        return z, xp, r, (r**2).flatten(1).mean(1)
+        q = 0.5 * ((xp - x64) ** 2).flatten(1).sum(1) + (lam * r).flatten(1).sum(1)
+        return z, xp, r, q, (r**2).flatten(1).mean(1)
 
     lam = torch.zeros_like(y64)
-    z, xp, r, err = state(lam)
+    z, xp, r, q, err = state(lam)
     iters = torch.zeros(n, dtype=torch.long)
     for _ in range(max_iter):
         active = err > tol
@@ -213,20 +216,22 @@ def project_consistent_box(
             return ah @ (m * lift(v)) @ aw.T + ridge * v
 
         delta = _batched_cg(normal_op, r, iters=500)
-        step = torch.ones(n, 1, 1, 1, dtype=torch.float64, device=x.device)
-        accepted = torch.zeros(n, dtype=torch.bool, device=x.device)
-        for _ in range(30):  # backtracking, per image
-            cand = lam + step * delta
-            z_c, xp_c, r_c, err_c = state(cand)
-            better = active & ~accepted & (err_c < err)
-            lam = torch.where(better[:, None, None, None], cand, lam)
-            accepted |= better
-            if bool((accepted | ~active).all()):
+        # Armijo backtracking on the concave dual q, whose gradient is r: delta is an ascent
+        # direction (<r, delta> > 0), so a small enough step always increases q.
+        slope = (r * delta).flatten(1).sum(1)
+        step = torch.ones(n, dtype=torch.float64, device=x.device)
+        done = ~active
+        for _ in range(40):
+            cand = lam + step[:, None, None, None] * delta
+            z_c, xp_c, r_c, q_c, err_c = state(cand)
+            ok = ~done & (q_c >= q + 1e-4 * step * slope)
+            keep = ok[:, None, None, None]
+            lam = torch.where(keep, cand, lam)
+            done |= ok
+            if bool(done.all()):
                 break
-            step = torch.where(accepted[:, None, None, None], step, step * 0.5)
-        z, xp, r, err = state(lam)
-        if not bool(accepted[active].any()):
-            break  # no image can improve further in float64
+            step = torch.where(done, step, step * 0.5)
+        z, xp, r, q, err = state(lam)
     return xp.to(x.dtype), iters
 
 

@@ -21,6 +21,13 @@ log = logging.getLogger("gpsr.report")
 __all__ = ["collect", "write_report", "SweepReportCallback", "main"]
 
 
+BASELINE_STYLE = {
+    "bicubic": ("tab:gray", "--"),
+    "pseudoinverse": ("tab:purple", ":"),
+    "flow": ("tab:green", "--"),
+}
+
+
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per (job, method): steps, NFE label, PSNR, SSIM, consistency, seconds/image."""
     rows = []
@@ -87,9 +94,8 @@ def _plot(sampled: list[dict], fixed: dict[str, dict], path: Path) -> None:
             pts = [r for r in sampled if r["method"] == method]
             ax.plot([r["steps"] + 1 for r in pts], [r[key] for r in pts], "o-", label=method)
         for name, r in fixed.items():
-            ax.axhline(
-                r[key], ls="--", lw=1, color="gray" if name != "flow" else "tab:green", label=name
-            )
+            color, style = BASELINE_STYLE.get(name, ("tab:gray", "-."))
+            ax.axhline(r[key], ls=style, lw=1.2, color=color, label=name)
         ax.set_xscale("log")
         if key == "consistency":
             ax.set_yscale("log")

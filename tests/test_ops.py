@@ -88,7 +88,7 @@ def test_box_projection_ends_inside_box_and_consistent():
     xp, iters = ops.project_consistent_box(x, y, 8)
     assert xp.min() >= 0 and xp.max() <= 1
     assert (((ops.degrade(xp, 8) - y) ** 2).flatten(1).mean(1) <= 1e-12).all()
-    assert iters.shape == (2,) and (iters >= 1).all() and (iters < 50).all()
+    assert iters.shape == (2,) and (iters >= 1).all() and (iters < 300).all()
     # Plain projection followed by clamping would not be consistent here.
     naive = ops.project_consistent(x, y, 8).clamp(0, 1)
     assert ((ops.degrade(naive, 8) - y) ** 2).mean() > 1e-9
@@ -141,3 +141,23 @@ def test_box_projection_is_the_closest_feasible_point():
     assert res.success
     assert abs(((xp.flatten().numpy() - x0) ** 2).sum() - res.fun) < 1e-6
     assert torch.allclose(xp.flatten(), torch.from_numpy(res.x), atol=1e-4)
+
+
+def test_box_projection_on_saturated_photos():
+    """Photos with many pixels exactly at 0 or 1 leave a thin feasible set. The projection
+    must stay in the box and gain orders of magnitude in consistency (a descent on ||r||^2
+    instead of the dual stalled at ~1e-6 MSE here); exact precision can take hundreds of
+    Newton steps on such images, so this test bounds the result, not the iteration count."""
+    import skimage.data
+
+    wheel = torch.from_numpy(skimage.data.colorwheel()[100:260:4, 100:260:4].copy())
+    hr = wheel.permute(2, 0, 1)[None].double() / 255
+    assert ((hr == 0) | (hr == 1)).double().mean() > 0.2
+    y = ops.degrade(hr, 4)
+    gen = torch.Generator().manual_seed(0)
+    x = (hr + 0.1 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    before = ((ops.degrade(x, 4) - y) ** 2).mean()
+    xp, iters = ops.project_consistent_box(x, y, 4, max_iter=60)
+    after = ((ops.degrade(xp, 4) - y) ** 2).mean()
+    assert 0 <= xp.min() and xp.max() <= 1
+    assert after < 1e-8 and after < 1e-4 * before
