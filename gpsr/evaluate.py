@@ -161,7 +161,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for name, metric in metrics.items():
         base = name.removesuffix("_projected")
         results[name] = {
-            **metric.compute(),
+            **metric.compute(worst=True),
             "seconds_per_image": seconds[name] / n_images
             + (seconds[base] / n_images if name != base else 0.0),
             "nfe": nfe[base],

@@ -85,14 +85,22 @@ class Consistency(Metric):
         self.scale = scale
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("worst", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
 
     def update(self, sr: torch.Tensor, lr: torch.Tensor) -> None:
         per_image = per_image_consistency(sr, lr, self.scale)
         self.total += per_image.sum()
         self.count += per_image.numel()
+        self.worst = torch.maximum(self.worst, per_image.max())
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1) / CONSISTENCY_UNIT
+
+    def compute_worst(self) -> torch.Tensor:
+        """The largest per-image consistency seen (x 1e5), reduced with max across processes."""
+        with self.sync_context():
+            worst = self.worst.clone()
+        return worst / CONSISTENCY_UNIT
 
 
 def per_image_consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor:
@@ -119,12 +127,16 @@ class SRMetrics(nn.Module):
         self.ssim.update(sr, hr)
         self.consistency.update(sr, lr)
 
-    def compute(self) -> dict[str, float]:
-        return {
+    def compute(self, worst: bool = False) -> dict[str, float]:
+        """Means over images; with `worst`, also the largest per-image consistency."""
+        out = {
             "psnr": float(self.psnr.compute()),
             "ssim": float(self.ssim.compute()),
             "consistency": float(self.consistency.compute()),
         }
+        if worst:
+            out["consistency_max"] = float(self.consistency.compute_worst())
+        return out
 
     def reset(self) -> None:
         for m in (self.psnr, self.ssim, self.consistency):

@@ -86,6 +86,8 @@ def test_consistency_units_and_definition():
         [((ops.degrade(s[None], 8) - l[None]) ** 2).mean().item() for s, l in zip(sr, lr)]
     )
     assert m.compute().item() == pytest.approx(expected / 1e-5, rel=1e-9)
+    worst = max(((ops.degrade(s[None], 8) - l[None]) ** 2).mean().item() for s, l in zip(sr, lr))
+    assert m.compute_worst().item() == pytest.approx(worst / 1e-5, rel=1e-9)
     exact = Consistency(8)
     exact.update(hr, lr)
     assert exact.compute().item() < 1e-20
