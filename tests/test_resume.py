@@ -151,7 +151,10 @@ def test_sigkill_then_resume_auto(tmp_path):
     assert len(files) >= 4
     steps = {f.name: load_checkpoint(f)["global_step"] for f in files}  # none is corrupt
     last_step = steps["last.ckpt"]
-    assert last_step >= 12 and last_step % 3 == 0
+    # last.ckpt is rewritten right after each periodic checkpoint, so a kill can catch it one
+    # save behind the newest step file, never ahead of it.
+    assert max(steps.values()) >= 12 and last_step >= 9 and last_step % 3 == 0
+    assert last_step in (max(steps.values()), max(steps.values()) - 3)
     target = last_step + 6
     run_cli("train", *args, "ckpt_path=auto", f"trainer.max_steps={target}", cwd=tmp_path)
     final = load_checkpoint(ckpts / "last.ckpt")
