@@ -14,11 +14,12 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid
 
+from gpsr import ops
 from gpsr.metrics import SRMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SRMetricsCallback", "ImagePanelCallback", "to_uint8_grid"]
+__all__ = ["SRMetricsCallback", "ImagePanelCallback", "panel_rows", "to_uint8_grid"]
 
 
 class SRMetricsCallback(Callback):
@@ -65,6 +66,26 @@ class SRMetricsCallback(Callback):
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._log(pl_module, "test")
+
+
+def panel_rows(
+    lr: torch.Tensor,
+    hr: torch.Tensor,
+    samples: dict[str, torch.Tensor],
+    scale: int,
+    error_of: str,
+    std: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The panel's columns: LR (nearest-upsampled) | samples ... | HR | |error| x4 [| std x8].
+
+    lr (N, C, h, w), hr and each sample (N, C, s*h, s*w), all in [0, 1]; `error_of` names the
+    sample whose absolute error is shown; std (N, C, s*h, s*w) over samples, optional.
+    """
+    rows = {"LR": ops.upsample_nearest(lr, scale).clamp(0, 1), **samples, "HR": hr}
+    rows["|error| x4"] = ((samples[error_of] - hr).abs() * 4).clamp(0, 1)
+    if std is not None:
+        rows["std x8"] = (std * 8).clamp(0, 1)
+    return rows
 
 
 def to_uint8_grid(rows: dict[str, torch.Tensor], max_images: int = 8) -> np.ndarray:

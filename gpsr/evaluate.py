@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
-from gpsr.callbacks import to_uint8_grid
+from gpsr.callbacks import panel_rows, to_uint8_grid
 from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
@@ -145,18 +145,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             for sr in samples:
                 metrics[name].update(sr, hr, lr)
         if panel is None:
-            panel = {"LR": ops.upsample_nearest(lr, model.scale)}
-            for name, out in outputs.items():
-                panel[name] = out[:, 0] if out.dim() == 5 else out
-            panel["HR"] = hr
             last = next(reversed(outputs))
-            sr0 = panel[last]
-            panel["|error| x4"] = ((sr0 - hr).abs() * 4).clamp(0, 1)
-            if outputs[last].dim() == 5:
-                panel["std x8"] = (outputs[last].std(1) * 8).clamp(0, 1)
+            firsts = {name: out[:, 0] if out.dim() == 5 else out for name, out in outputs.items()}
+            std = outputs[last].std(1) if outputs[last].dim() == 5 else None
+            panel = panel_rows(lr, hr, firsts, model.scale, last, std)
     if n_images == 0:
         raise ValueError(f"the {cfg.split} split gave no images to evaluate")
     nfe = {name: label for name, (_, label) in methods.items()}
+    its = torch.cat(proj_iters).float() if proj_iters else None
     results: dict[str, dict[str, Any]] = {}
     for name, metric in metrics.items():
         base = name.removesuffix("_projected")
@@ -167,7 +163,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "nfe": nfe[base],
         }
         if name != base:
-            its = torch.cat(proj_iters).float()
             results[name]["projection_iterations"] = {
                 "mean": its.mean().item(),
                 "max": int(its.max()),
@@ -185,8 +180,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(results)
     note = ""
-    if proj_iters:
-        its = torch.cat(proj_iters).float()
+    if its is not None:
         note = (
             f"\nProjection onto the consistent images inside [0, 1] (semi-smooth Newton, "
             f"gpsr.ops.project_consistent_box) took {its.mean().item():.1f} iterations per image "

@@ -279,8 +279,9 @@ class GPSRDataModule(L.LightningDataModule):
         )
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """In-order batches of a split; under DDP each rank gets a disjoint, unpadded shard."""
-        ds = self.dataset(split)
+        """In-order, never flipped batches of a split; under DDP each rank gets a disjoint,
+        unpadded shard."""
+        ds = self.dataset(split, flip=False)
         world, rank = self._world()
         sampler = (
             UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
@@ -297,11 +298,4 @@ class GPSRDataModule(L.LightningDataModule):
 
     def stats_dataloader(self) -> DataLoader:
         """Clean training images (no flip), sharded without padding: for latent statistics."""
-        ds = self.dataset("train", flip=False)
-        world, rank = self._world()
-        sampler = (
-            UnrepeatedDistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
-        )
-        return DataLoader(
-            ds, self.eval_batch_size, sampler=sampler, shuffle=False, **self._loader_kwargs()
-        )
+        return self.eval_dataloader("train")

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from gpsr import ops
+from gpsr.callbacks import panel_rows
 from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
@@ -206,10 +207,5 @@ class LatentDiffusionModule(StageModule):
             ]
         )
         std = samples.std(0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
-        return {
-            "LR": ops.to_unit(ops.upsample_nearest(lr, self.flow.scale)).clamp(0, 1),
-            f"GPSR {self.hparams['val_steps']}+1": samples[0],
-            "HR": hr,
-            "|error| x4": ((samples[0] - hr).abs() * 4).clamp(0, 1),
-            "std x8": (std * 8).clamp(0, 1),
-        }
+        name = f"GPSR {self.hparams['val_steps']}+1"
+        return panel_rows(ops.to_unit(lr), hr, {name: samples[0]}, self.flow.scale, name, std)

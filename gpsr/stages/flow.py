@@ -9,6 +9,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from gpsr import ops
+from gpsr.callbacks import panel_rows
 from gpsr.models.flow import DegradationFlow
 from gpsr.sampling import IndexNoise, super_resolve
 from gpsr.speed import apply_speedups
@@ -129,13 +130,8 @@ class FlowModule(StageModule):
     def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hr, lr = batch["hr"], batch["lr"]
         sr = {name: ops.to_unit(x).clamp(0, 1) for name, x in self._samples(batch).items()}
-        return {
-            "LR": ops.to_unit(ops.upsample_nearest(lr, self.flow.scale)).clamp(0, 1),
-            "flow z=0": sr["flow_zero"],
-            "flow sample": sr["flow_sample"],
-            "HR": ops.to_unit(hr),
-            "|error| x4": ((sr["flow_sample"] - ops.to_unit(hr)).abs() * 4).clamp(0, 1),
-        }
+        samples = {"flow z=0": sr["flow_zero"], "flow sample": sr["flow_sample"]}
+        return panel_rows(ops.to_unit(lr), ops.to_unit(hr), samples, self.flow.scale, "flow sample")
 
 
 def flow_from_checkpoint(
