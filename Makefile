@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 export WANDB_SILENT := true
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint demo demo-parameterization clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: install
 ## Train both stages on the bundled photos, evaluate, sweep NFEs and write the report (CPU).
 demo: install
 	bash scripts/demo.sh
+
+## eps vs v vs x0 for the demo's latent DDPM (same flow, data and budget); after `make demo`.
+demo-parameterization: install
+	bash scripts/demo_parameterization.sh
 
 clean:
 	rm -rf outputs multirun demo .pytest_cache

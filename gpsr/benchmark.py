@@ -267,9 +267,8 @@ def trust_report(ckpt: str, cfg: DictConfig, device: torch.device) -> list[dict[
     dm = GPSRDataModule(
         size=cfg.trust.size,
         scale=model.scale,
-        demo_count=cfg.trust.images * 10,
-        val_fraction=0.0,
-        test_fraction=0.1,
+        demo_test=cfg.trust.images,
+        eval_batch_size=cfg.trust.images,
     )
     batch = next(iter(dm.eval_dataloader("test")))
     hr, lr = batch["hr"].to(device), batch["lr"].to(device)

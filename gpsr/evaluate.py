@@ -27,8 +27,10 @@ from tqdm import tqdm
 from gpsr import ops
 from gpsr.callbacks import panel_rows, to_uint8_grid
 from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.diffusion import diagnostic_timesteps
 from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
+from gpsr.sampling import timestep_diagnostic
 
 log = logging.getLogger("gpsr.evaluate")
 
@@ -92,6 +94,19 @@ def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnostic_table(d: dict[str, Any]) -> str:
+    """Markdown of the per-timestep diagnostic written to `metrics.json["loss_by_t"]`."""
+    head = "| t | " + " | ".join(str(t) for t in d["t"]) + " |"
+    rule = "|---" * (len(d["t"]) + 1) + "|"
+    loss = f"| loss ({d['prediction']}) | " + " | ".join(f"{v:.3g}" for v in d["loss"]) + " |"
+    x0 = "| x0 MSE | " + " | ".join(f"{v:.3g}" for v in d["x0_mse"]) + " |"
+    return (
+        f"\nDiffusion error by noise level (test images, EMA weights; always predicting the "
+        f"latent mean gives an x0 MSE of {d['mean_predictor_x0_mse']:.3g}):\n\n"
+        f"{head}\n{rule}\n{loss}\n{x0}\n"
+    )
+
+
 @torch.no_grad()
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the Table 1 protocol over a whole split; returns what `metrics.json` holds."""
@@ -113,7 +128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = {name: SRMetrics(model.scale).to(device) for name in names}
     seconds = dict.fromkeys(names, 0.0)
     proj_iters: list[torch.Tensor] = []
-    n_images, panel = 0, None
+    n_images, panel, diag = 0, None, None
     limit = cfg.limit_batches
     for b, batch in enumerate(tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress)):
         if limit is not None and b >= limit:
@@ -122,6 +137,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         lr = ops.to_unit(batch["lr"].to(device))
         idx = batch["index"].tolist()
         n_images += hr.shape[0]
+        if model.unet is not None and cfg.diagnostic_buckets > 0:
+            part = timestep_diagnostic(
+                model.flow,
+                model.unet,
+                model.diffusion,
+                model.stats,
+                batch["hr"].to(device),
+                idx,
+                cfg.seed,
+                cfg.diagnostic_buckets,
+            )
+            diag = part if diag is None else {k: diag[k] + part[k] for k in part}
         outputs = {}
         for name, (fn, _) in methods.items():
             _sync(device)
@@ -174,9 +201,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "samples_per_image": cfg.sampler.samples,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seed": cfg.seed,
+        "prediction": model.diffusion.prediction if model.diffusion is not None else None,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "methods": results,
     }
+    if diag is not None:
+        summary["loss_by_t"] = {
+            "t": diagnostic_timesteps(model.diffusion.num_timesteps, cfg.diagnostic_buckets),
+            "prediction": model.diffusion.prediction,
+            "loss": (diag["loss"] / diag["count"]).tolist(),
+            "x0_mse": (diag["x0_mse"] / diag["count"]).tolist(),
+            "mean_predictor_x0_mse": (diag["mean_x0_mse"] / diag["count"]).item(),
+        }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(results)
     note = ""
@@ -186,6 +222,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"gpsr.ops.project_consistent_box) took {its.mean().item():.1f} iterations per image "
             f"on average (at most {int(its.max())}).\n"
         )
+    if diag is not None:
+        note += diagnostic_table(summary["loss_by_t"])
     columns = " | ".join(panel) if panel is not None else ""
     (output_dir / "metrics.md").write_text(
         f"# Evaluation of `{cfg.ckpt}`\n\n{n_images} images ({cfg.split} split), "

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from gpsr import ops
-from gpsr.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
+from gpsr.checkpoint import (
+    CheckpointError,
+    check_gpsr_checkpoint,
+    load_checkpoint,
+    upgrade_checkpoint,
+)
 from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
@@ -57,6 +62,7 @@ class GPSR(nn.Module):
         """Load a gpsr checkpoint (weights_only=True). `ema=False` takes the raw UNet weights."""
         data = load_checkpoint(ckpt)
         meta = check_gpsr_checkpoint(data, ckpt)
+        upgrade_checkpoint(data, ckpt)
         hp = data.get("hyper_parameters", {})
         state = data["state_dict"]
         flow = DegradationFlow(scale=int(hp["scale"]), **hp.get("flow", {}))

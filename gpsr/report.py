@@ -41,6 +41,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 {
                     "job": path.parent.name,
                     "method": method,
+                    "prediction": data.get("prediction"),
                     "steps": steps,
                     "nfe": m["nfe"],
                     "psnr": m["psnr"],
@@ -59,6 +60,11 @@ def write_report(sweep_dir: str | Path) -> Path:
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no evaluation results (*/metrics.json) under {sweep_dir}")
+    # A sweep over checkpoints of several parameterizations labels GPSR rows by it.
+    if len({r["prediction"] for r in rows if r["method"].startswith("gpsr")}) > 1:
+        for r in rows:
+            if r["method"].startswith("gpsr"):
+                r["method"] = f"{r['method']} ({r['prediction']})"
     sampled = sorted(
         (r for r in rows if r["method"].startswith("gpsr")), key=lambda r: (r["method"], r["steps"])
     )

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from gpsr import ops
-from gpsr.diffusion import GaussianDiffusion
+from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
 from gpsr.models.flow import DegradationFlow
 
-__all__ = ["LatentStats", "seeded_normal", "IndexNoise", "super_resolve"]
+__all__ = ["LatentStats", "seeded_normal", "IndexNoise", "super_resolve", "timestep_diagnostic"]
 
 
 class LatentStats(nn.Module):
@@ -149,3 +149,34 @@ def super_resolve(
         )
         z = stats.denormalise(zhat)
     return flow.inverse(coarse, z)
+
+
+@torch.no_grad()
+def timestep_diagnostic(
+    flow: DegradationFlow,
+    unet: nn.Module,
+    diffusion: GaussianDiffusion,
+    stats: LatentStats,
+    hr: torch.Tensor,
+    indices: Sequence[int],
+    seed: int,
+    buckets: int = 10,
+) -> dict[str, torch.Tensor]:
+    """The latent DDPM's error by noise level on clean images, as in training (Algorithm 2).
+
+    hr (N, C, H, W) in [-1, 1]. The normalised latent of each image is noised at the middle
+    timestep of each of `buckets` t-ranges with noise seeded by (seed, image index). Returns
+    float64 sums over the batch: "loss" (K,) (the training target's MSE), "x0_mse" (K,) (error
+    of the predicted clean latent), "mean_x0_mse" () (the x0 MSE of always predicting the
+    latent mean, i.e. the latent's mean square) and "count" (). A network whose x0 MSE at
+    some t exceeds the mean predictor's is worse than useless there: the sampler starts at
+    the noisiest t and amplifies that error.
+    """
+    coarse, z, _ = flow(hr)
+    zhat = stats.normalise(z)
+    ts = diagnostic_timesteps(diffusion.num_timesteps, buckets)
+    noise = IndexNoise(indices, seed, hr.device)
+    out = diffusion.loss_by_timestep(unet, zhat, coarse, ts, noise_fn=noise)
+    out["mean_x0_mse"] = zhat.double().pow(2).flatten(1).mean(1).sum()
+    out["count"] = torch.tensor(float(hr.shape[0]), dtype=torch.float64, device=hr.device)
+    return out

@@ -9,7 +9,15 @@ import torch
 from PIL import Image
 
 from gpsr import ops
-from gpsr.data import GPSRDataModule, ImageFileError, decode_rgb, demo_crops, split_indices
+from gpsr.data import (
+    GPSRDataModule,
+    ImageDataset,
+    ImageFileError,
+    RandomPatches,
+    decode_rgb,
+    demo_splits,
+    split_indices,
+)
 
 
 def _write_photos(folder, n=6, size=80):
@@ -22,12 +30,59 @@ def _write_photos(folder, n=6, size=80):
     return folder
 
 
-def test_demo_crops_are_fixed_and_seeded():
-    a, b = demo_crops(32, 12, seed=0), demo_crops(32, 12, seed=0)
-    assert a.shape == (12, 3, 32, 32) and a.dtype == torch.uint8
-    assert torch.equal(a, b)
-    assert not torch.equal(a, demo_crops(32, 12, seed=1))
-    assert a.float().std() > 20  # real photo content, not a constant
+def _locate(tile: torch.Tensor, photos: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """Every (photo, top, left) where `tile` occurs exactly: candidates by a random linear
+    signature of every window (one conv2d per photo), each confirmed pixel by pixel."""
+    size = tile.shape[-1]
+    proj = torch.rand(1, *tile.shape, generator=torch.Generator().manual_seed(0)).double()
+    want = (tile.double() * proj[0]).sum()
+    hits = []
+    for p, img in enumerate(photos):
+        sig = torch.nn.functional.conv2d(img[None].double(), proj)[0, 0]
+        for top, left in ((sig - want).abs() < 1e-6 * want).nonzero().tolist():
+            if torch.equal(img[:, top : top + size, left : left + size], tile):
+                hits.append((p, top, left))
+    return hits
+
+
+def test_demo_holds_out_val_and_test_pixels_from_training():
+    from gpsr.data.demo import demo_photos
+
+    size, zoom = 32, 4.0
+    d = demo_splits(size, zoom, n_val=8, n_test=16)
+    photos = demo_photos(size, zoom)
+    assert d.val.shape == (8, 3, 32, 32) and d.test.shape == (16, 3, 32, 32)
+    assert d.test.float().std() > 20  # real photo content, not a constant
+    used = set()
+    for split, tiles in (("val", d.val), ("test", d.test)):
+        for tile in tiles:
+            hits = _locate(tile, photos)
+            assert hits, f"a {split} tile is not cut from any photo"
+            p, top, left = hits[0]
+            h, w = photos[p].shape[-2:]
+            # Wholly inside the held-out strip: right edge (landscape) or bottom (portrait).
+            assert (left >= w - size) if w >= h else (top >= h - size)
+            used.add((p, top, left))
+    assert len(used) == 24  # val and test tiles are distinct
+    assert {p for p, _, _ in used} == set(range(len(photos)))  # every photo is tested
+    for region, img in zip(d.regions, photos):
+        h, w = img.shape[-2:]
+        expect = img[:, :, : w - size] if w >= h else img[:, : h - size, :]
+        assert torch.equal(region, expect)  # training regions end where the strip begins
+
+
+def test_demo_training_patches_are_random_windows_of_training_regions():
+    d = demo_splits(32, 4.0, n_val=8, n_test=16)
+    patches = RandomPatches(d.regions, 32, length=64)
+    torch.manual_seed(0)
+    first = torch.stack([patches[i] for i in range(64)])
+    second = torch.stack([patches[i] for i in range(64)])
+    assert not torch.equal(first, second)  # a new position every draw
+    for i in (0, 1, 9):
+        region = d.regions[i % len(d.regions)]
+        assert _locate(first[i], [region])  # a window of photo i % 8's training region
+    with pytest.raises(ValueError, match="data.demo_count"):
+        RandomPatches(d.regions, 32, length=0)
 
 
 def test_splits_are_deterministic_and_disjoint():
@@ -53,13 +108,19 @@ def test_demo_batches_carry_float_lr():
 
 
 def test_training_flips_and_evaluation_does_not():
-    dm = GPSRDataModule(size=32, scale=4, batch_size=4, demo_count=24)
-    train = dm.dataset("train")
+    tiles = demo_splits(32, 4.0, n_val=2, n_test=2).test
+    train = ImageDataset(tiles, 32, 4, flip=True)
     torch.manual_seed(0)
     views = {tuple(train[0]["hr"][0, 0, :4].tolist()) for _ in range(20)}
     assert len(views) == 2
+    dm = GPSRDataModule(size=32, scale=4, batch_size=4, demo_count=24)
     test = dm.dataset("test")
-    assert torch.equal(test[0]["hr"], test[0]["hr"])
+    for i in range(len(test)):  # evaluation images are exactly the held-out tiles, unflipped
+        assert torch.equal(test[i]["hr"], dm.items["test"][i].float() / 127.5 - 1)
+    # The training split without flips (latent statistics) is the fixed grid of tiles.
+    stats = dm.dataset("train", flip=False)
+    assert len(stats) == len(dm.items["train"])
+    assert torch.equal(stats[3]["hr"], dm.items["train"][3].float() / 127.5 - 1)
 
 
 def test_folder_resizes_crops_and_splits(tmp_path):
@@ -175,10 +236,8 @@ def test_mode_conversions(tmp_path):
 
 
 def test_empty_split_and_too_few_for_a_batch():
-    dm = GPSRDataModule(
-        size=32, scale=4, demo_count=10, val_fraction=0.0, test_fraction=0.2, batch_size=64
-    )
-    with pytest.raises(ValueError, match="the val split is empty: raise data.val_fraction"):
+    dm = GPSRDataModule(size=32, scale=4, demo_count=10, demo_val=0, batch_size=64)
+    with pytest.raises(ValueError, match="the val split is empty: raise data.demo_val"):
         dm.dataset("val")
     with pytest.raises(ValueError, match="lower data.batch_size"):
         dm.train_dataloader()

@@ -133,3 +133,165 @@ def test_sampler_with_the_optimal_network_recovers_gaussian_data(eta):
     )
     assert out.std().item() == pytest.approx(s, rel=0.03)
     assert abs(out.mean().item()) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameterizations and the DDIM update against an independent float64 implementation.
+
+
+class RandomConvNet(torch.nn.Module):
+    """A fixed, seeded, non-oracle network (float64) whose output depends on x and t."""
+
+    def __init__(self, c_in: int, c_out: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = torch.randn(8, c_in, 3, 3, generator=g, dtype=torch.float64) * 0.3
+        self.w2 = torch.randn(c_out, 8, 3, 3, generator=g, dtype=torch.float64) * 0.15
+        self.tw = torch.randn(8, generator=g, dtype=torch.float64)
+
+    def forward(self, x, t_scaled):
+        h = torch.nn.functional.conv2d(x.double(), self.w1, padding=1)
+        h = torch.tanh(h + torch.sin(t_scaled.double()[:, None] / 300 * self.tw)[..., None, None])
+        return torch.nn.functional.conv2d(h, self.w2, padding=1)
+
+
+def reference_ddim(net, cond, noises, prediction, eta, steps, clip):
+    """Song et al. (2021), Eq. 12, written out in float64 from the paper's formulas."""
+    import numpy as np
+
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    ts = [int(v) for v in np.linspace(999, 0, steps)]
+    x = noises[0].double()
+    for i, t in enumerate(ts):
+        a = float(abar[t])
+        out = net(torch.cat([x, cond], 1), torch.full((x.shape[0],), float(t))).double()
+        if prediction == "eps":
+            x0 = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
+        elif prediction == "v":
+            x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
+        else:
+            x0 = out
+        x0 = x0.clamp(*clip)
+        if i == len(ts) - 1:
+            return x0
+        e = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        ap = float(abar[ts[i + 1]])
+        sigma = eta * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
+        x = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * e + sigma * noises[i + 1]
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_seven_step_sampler_matches_independent_ddim(prediction, eta):
+    d = GaussianDiffusion(1000, prediction=prediction)
+    shape = (2, 3, 6, 6)
+    net = RandomConvNet(4, 3)
+    cond = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    noises = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(7)]
+    it = iter(noises)
+    clip = (-1.2, 1.3)
+    ours = d.sample(net, cond, shape, steps=7, eta=eta, clip=clip, noise_fn=lambda s: next(it))
+    ref = reference_ddim(net, cond, noises, prediction, eta, 7, clip)
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+    # The trajectory must actually move: the clamp must not decide the result alone.
+    assert (ref.abs() < 1.2).float().mean() > 0.15
+
+
+def test_parameterization_identities_round_trip():
+    d = GaussianDiffusion(1000)
+    x0 = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 400, 800, 999])
+    xt = d.q_sample(x0, t, eps)
+    a = d.alphas_cumprod[t][:, None, None, None]
+    # q_sample against the closed form, written independently.
+    assert torch.allclose(xt, a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-12)
+    assert torch.allclose(d.x0_from_eps(xt, t, eps), x0, atol=1e-9)
+    assert torch.allclose(d.eps_from_x0(xt, t, x0), eps, atol=1e-9)
+    v = d.velocity(x0, t, eps)
+    assert torch.allclose(v, a.sqrt() * eps - (1 - a).sqrt() * x0, atol=1e-12)
+    assert torch.allclose(d.x0_from_v(xt, t, v), x0, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_training_loss_against_hand_computed_targets(prediction, weighting):
+    import numpy as np
+
+    d = GaussianDiffusion(1000, prediction=prediction, loss_weighting=weighting, min_snr_gamma=5)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    cond = torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 250, 600, 990])
+    seen = {}
+
+    def net(inp, ts):
+        seen["inp"], seen["t"] = inp, ts
+        return 0.3 * inp[:, :3] + 0.1 * inp[:, 3:]
+
+    loss = d.training_loss(net, x0, cond, t=t, noise=noise)
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[t.numpy()]
+    a = torch.from_numpy(abar)[:, None, None, None]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    assert torch.allclose(seen["inp"][:, :3], xt, atol=1e-12)  # the network sees x_t, not x0
+    assert torch.equal(seen["inp"][:, 3:], cond) and torch.allclose(seen["t"], t.float())
+    target = {"eps": noise, "v": a.sqrt() * noise - (1 - a).sqrt() * x0, "x0": x0}[prediction]
+    per = ((0.3 * xt + 0.1 * cond - target) ** 2).mean((1, 2, 3))
+    snr = torch.from_numpy(abar / (1 - abar))
+    if weighting == "min_snr":
+        unit = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+        per = per * snr.clamp(max=5) / unit
+    assert loss.item() == pytest.approx(per.mean().item(), rel=1e-9)
+
+
+def test_min_snr_weight_equals_clipped_snr_times_x0_error():
+    """Weighted loss of each parameterization = min(SNR, gamma) x the x0 error it implies."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([5, 300, 900])
+    wrong = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for prediction in ("eps", "v", "x0"):
+        d = GaussianDiffusion(1000, prediction=prediction, loss_weighting="min_snr")
+        xt = d.q_sample(x0, t, noise)
+        per = d.training_losses(lambda inp, ts: wrong, x0, torch.zeros(3, 0, 4, 4), t, noise)
+        x0_err = (d.x0_from_output(wrong, xt, t) - x0).pow(2).mean((1, 2, 3))
+        expect = d.snr(t).clamp(max=5.0) * x0_err
+        assert torch.allclose(d.loss_weight(t) * per, expect, rtol=1e-9)
+
+
+def test_unknown_prediction_or_weighting_is_refused():
+    with pytest.raises(ValueError, match="diffusion.prediction"):
+        GaussianDiffusion(prediction="score")
+    with pytest.raises(ValueError, match="diffusion.loss_weighting"):
+        GaussianDiffusion(loss_weighting="p2")
+
+
+def test_loss_by_timestep_separates_oracle_from_mean_predictor():
+    from gpsr.diffusion import diagnostic_timesteps
+
+    assert diagnostic_timesteps(1000, 10) == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
+    d = GaussianDiffusion(1000, prediction="x0")
+    x0 = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 0.5
+    cond = torch.zeros(6, 1, 4, 4, dtype=torch.float64)
+    ts = [50, 500, 950]
+    oracle = d.loss_by_timestep(lambda inp, t: x0, x0, cond, ts)
+    assert torch.all(oracle["loss"] == 0) and torch.all(oracle["x0_mse"] == 0)
+    mean = d.loss_by_timestep(lambda inp, t: torch.zeros_like(x0), x0, cond, ts)
+    per_image = x0.pow(2).mean((1, 2, 3)).sum()
+    assert torch.allclose(mean["x0_mse"], per_image.expand(3))
+    # In eps units the same mean predictor's loss grows with SNR: it is x0_mse * SNR.
+    de = GaussianDiffusion(1000, prediction="eps")
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+
+    def mean_eps(inp, t):  # the eps implied by x0_hat = 0
+        return de.eps_from_x0(inp[:, :3], (t / 1).round().long(), torch.zeros_like(x0))
+
+    out = de.loss_by_timestep(mean_eps, x0, cond, ts, noise_fn=lambda s: noise)
+    snr = de.snr(torch.tensor(ts))
+    assert torch.allclose(out["x0_mse"], per_image.expand(3), rtol=1e-8)
+    assert torch.allclose(out["loss"], per_image * snr, rtol=1e-8)

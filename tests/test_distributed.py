@@ -13,7 +13,7 @@ from tests.conftest import compose_cfg, run_cli
 
 pytestmark = pytest.mark.slow
 
-# 64 demo crops: 5 validation images, an odd count that a padding sampler would distort.
+# 5 validation images: an odd count that a padding sampler would distort.
 DDP = [
     "trainer=ddp",
     "trainer.accelerator=cpu",
@@ -24,12 +24,15 @@ DDP = [
     "trainer.val_check_interval=4",
     "data.batch_size=4",
     "data.demo_count=64",
+    "data.demo_val=5",
     "test_after_fit=false",
 ]
 
 
 def _validate_single_process(module: L.LightningModule) -> dict[str, float]:
-    cfg = compose_cfg(["data.demo_count=64", "data.batch_size=4"], output_dir="/tmp")
+    cfg = compose_cfg(
+        ["data.demo_count=64", "data.demo_val=5", "data.batch_size=4"], output_dir="/tmp"
+    )
     dm = GPSRDataModule(**{k: v for k, v in cfg.data.items() if k != "_target_"})
     trainer = L.Trainer(
         accelerator="cpu",

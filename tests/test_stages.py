@@ -30,9 +30,7 @@ def _trainer(steps: int, **kwargs) -> L.Trainer:
 
 
 def _dm() -> GPSRDataModule:
-    return GPSRDataModule(
-        size=32, scale=8, batch_size=8, demo_count=64, val_fraction=0.25, test_fraction=0.0
-    )
+    return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64, demo_val=16)
 
 
 def _fixed_batch(dm):

@@ -1,5 +1,7 @@
 """The improved-diffusion UNet: parameter count, shapes, zero-initialised output."""
 
+import math
+
 import pytest
 import torch
 
@@ -64,3 +66,63 @@ def test_bad_input_size():
     )
     with pytest.raises(ValueError, match="divisible by 4"):
         net(torch.randn(1, 3, 10, 10), torch.zeros(1))
+
+
+def test_format1_checkpoint_upgrades_to_the_same_function():
+    """gpsr 0.1 grouped qkv rows as (3, heads, d) and named ResBlock layers differently."""
+    import torch.nn.functional as F
+
+    from gpsr.checkpoint import CheckpointError, upgrade_checkpoint
+    from gpsr.models.unet import AttentionBlock
+
+    C, heads, d = 64, 4, 16
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(3 * C, C, 1, generator=g) * 0.2, torch.randn(3 * C, generator=g) * 0.2
+    x = torch.randn(2, C, 4, 4, generator=g)
+    blk = AttentionBlock(C, heads)
+    torch.nn.init.normal_(blk.proj_out.weight, std=0.2, generator=g)
+    # Format 1's function, written out: q = rows 0..C, k = C..2C, v = 2C..3C, heads inside each.
+    xs = x.reshape(2, C, 16)
+    qkv = F.conv1d(blk.norm(xs), w, b)
+    q, k, v = (part.reshape(2, heads, d, 16) for part in qkv.chunk(3, 1))
+    att = torch.softmax(torch.einsum("nhdl,nhdm->nhlm", q, k) / math.sqrt(d), -1)
+    out = torch.einsum("nhlm,nhdm->nhdl", att, v).reshape(2, C, 16)
+    want = (xs + blk.proj_out(out)).reshape(x.shape)
+
+    moment = torch.randn(3 * C, C, 1, generator=g)
+    ckpt = {
+        "gpsr": {"stage": "ddpm", "scale": 4, "version": 1},
+        "hyper_parameters": {"unet": {"num_heads": heads}},
+        "state_dict": {
+            "unet.input_blocks.1.0.out_norm.weight": torch.ones(3),
+            "unet.input_blocks.1.0.out_layers.2.weight": torch.zeros(3),
+            "unet.input_blocks.1.0.skip.weight": torch.zeros(3),
+            "unet.input_blocks.1.1.qkv.weight": w,
+            "unet.input_blocks.1.1.qkv.bias": b,
+            "ema.module.input_blocks.1.1.qkv.weight": w.clone(),
+            "stats.mean": torch.zeros(9),
+        },
+        "optimizer_states": [{"state": {3: {"step": torch.tensor(5.0), "exp_avg": moment}}}],
+    }
+    upgrade_checkpoint(ckpt, "old.ckpt")
+    state = ckpt["state_dict"]
+    assert ckpt["gpsr"]["version"] == 2
+    assert {
+        "unet.input_blocks.1.0.out_layers.0.weight",
+        "unet.input_blocks.1.0.out_layers.3.weight",
+        "unet.input_blocks.1.0.skip_connection.weight",
+        "stats.mean",
+    } <= set(state)
+    with torch.no_grad():
+        blk.qkv.weight.copy_(state["unet.input_blocks.1.1.qkv.weight"])
+        blk.qkv.bias.copy_(state["unet.input_blocks.1.1.qkv.bias"])
+        assert torch.allclose(blk(x), want, atol=1e-5)
+    assert torch.equal(state["ema.module.input_blocks.1.1.qkv.weight"], blk.qkv.weight)
+    # Adam's moment of that qkv weight (parameter index 3) is regrouped the same way.
+    new_moment = ckpt["optimizer_states"][0]["state"][3]["exp_avg"]
+    new_w = state["unet.input_blocks.1.1.qkv.weight"]
+    rows = [int((w == new_w[i]).all(dim=(1, 2)).nonzero()) for i in range(3 * C)]
+    assert sorted(rows) == list(range(3 * C)) and rows != list(range(3 * C))
+    assert torch.equal(new_moment, moment[rows])  # each moment row moved with its weight row
+    with pytest.raises(CheckpointError, match="format 3, newer than this gpsr"):
+        upgrade_checkpoint({"gpsr": {"stage": "ddpm", "version": 3}}, "new.ckpt")

@@ -21,7 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from gpsr import ops
-from gpsr.data.demo import demo_crops
+from gpsr.data.demo import RandomPatches, demo_splits
 from gpsr.data.images import (
     ImageFileError,
     find_images,
@@ -72,7 +72,8 @@ class ImageDataset(Dataset):
     """HR/LR pairs from a list of files or from in-memory uint8 images.
 
     Args:
-        items: file paths, or a uint8 tensor (N, 3, S, S) of already prepared images.
+        items: a list of file paths, or any indexable of prepared (3, S, S) uint8 images
+            (a tensor (N, 3, S, S), or the demo's `RandomPatches`).
         size: side S of the square HR images.
         scale: SR factor; `size` must be divisible by it.
         flip: random horizontal flips (training).
@@ -81,7 +82,7 @@ class ImageDataset(Dataset):
 
     def __init__(
         self,
-        items: Sequence[Path] | torch.Tensor,
+        items: Sequence[Path] | torch.Tensor | RandomPatches,
         size: int,
         scale: int,
         flip: bool = False,
@@ -95,7 +96,7 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def _uint8(self, index: int) -> torch.Tensor:
-        if isinstance(self.items, torch.Tensor):
+        if not isinstance(self.items, (list, tuple)):
             return self.items[index]
         for attempt in range(len(self.items)):
             img = load_or_skip(
@@ -119,14 +120,19 @@ class GPSRDataModule(L.LightningDataModule):
 
     Args:
         source: "demo" (bundled photos, no download) or "folder" (FFHQ, CelebA-HQ, any tree).
-        root: image folder split by `val_fraction` / `test_fraction` with `split_seed`.
+        root: image folder split by `val_fraction` / `test_fraction` with `split_seed`
+            (source="folder").
         train_root, val_root, test_root: explicit per-split folders (override `root`).
         size: HR side; larger images are resized and centre-cropped.
         scale: SR factor.
         batch_size, eval_batch_size, num_workers, pin_memory: loader settings.
         cache: decode every image once at setup and keep the uint8 tensors in RAM.
         skip_corrupt, skip_small: leave undecodable / too small files out instead of failing.
-        demo_count, demo_seed: number and seed of the demo crops.
+        demo_count: training patches per epoch of the demo, each cut at a random position
+            of a training region (see `gpsr.data.demo`).
+        demo_val, demo_test: held-out demo tiles for validation and testing (they share no
+            pixel with any training region).
+        demo_zoom: demo photos are reduced to a shorter side of demo_zoom x size.
     """
 
     def __init__(
@@ -148,8 +154,10 @@ class GPSRDataModule(L.LightningDataModule):
         cache: bool = False,
         skip_corrupt: bool = False,
         skip_small: bool = False,
-        demo_count: int = 96,
-        demo_seed: int = 0,
+        demo_count: int = 1024,
+        demo_val: int = 8,
+        demo_test: int = 16,
+        demo_zoom: float = 4.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -171,8 +179,10 @@ class GPSRDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.cache = num_workers, pin_memory, cache
         self.skip_corrupt, self.skip_small = skip_corrupt, skip_small
-        self.demo_count, self.demo_seed, self.seed = demo_count, demo_seed, seed
+        self.demo_count, self.demo_val, self.demo_test = demo_count, demo_val, demo_test
+        self.demo_zoom, self.seed = demo_zoom, seed
         self.items: dict[str, Sequence[Path] | torch.Tensor] = {}
+        self.train_patches: RandomPatches | None = None
 
     # ------------------------------------------------------------------ items per split
     def _checked_files(self, files: list[Path]) -> list[Path]:
@@ -206,9 +216,9 @@ class GPSRDataModule(L.LightningDataModule):
 
     def _build_items(self) -> dict[str, Sequence[Path] | torch.Tensor]:
         if self.source == "demo":
-            crops = demo_crops(self.size, self.demo_count, self.demo_seed)
-            idx = split_indices(len(crops), self.val_fraction, self.test_fraction, self.split_seed)
-            return {k: crops[v] for k, v in idx.items()}
+            demo = demo_splits(self.size, self.demo_zoom, self.demo_val, self.demo_test)
+            self.train_patches = RandomPatches(demo.regions, self.size, self.demo_count)
+            return {"train": demo.train, "val": demo.val, "test": demo.test}
         items: dict[str, Sequence[Path] | torch.Tensor] = {}
         if self.root:
             files = self._checked_files(find_images(self.root, "data.root"))
@@ -226,23 +236,32 @@ class GPSRDataModule(L.LightningDataModule):
             self.items = self._build_items()
 
     def dataset(self, split: str, flip: bool | None = None) -> ImageDataset:
-        """The dataset of one split; training flips by default, evaluation never."""
+        """The dataset of one split; training flips by default, evaluation never.
+
+        The demo's training split is random patches when flipped (training) and the fixed
+        grid tiles of the training regions otherwise (latent statistics).
+        """
         self.setup()
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        flip = (split == "train") if flip is None else flip
         items = self.items.get(split, [])
+        if split == "train" and flip and self.train_patches is not None:
+            items = self.train_patches
         if len(items) == 0:
             hint = {
                 "train": "lower data.val_fraction / data.test_fraction or set data.train_root",
                 "val": "raise data.val_fraction or set data.val_root",
                 "test": "raise data.test_fraction or set data.test_root",
             }[split]
+            if self.source == "demo":
+                hint = f"raise data.demo_{split}"
             raise ValueError(f"the {split} split is empty: {hint}")
         return ImageDataset(
             items,
             self.size,
             self.scale,
-            flip=(split == "train") if flip is None else flip,
+            flip=flip,
             skip_corrupt=self.skip_corrupt,
         )
 

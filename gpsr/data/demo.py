@@ -1,12 +1,22 @@
-"""The bundled demo data: seeded crops of the colour photos that scikit-image ships offline."""
+"""The bundled demo data: the colour photos that scikit-image ships offline, split by region.
+
+Each photo is reduced (antialiased bicubic) so its shorter side is `zoom * size`. A strip
+`size` pixels wide at the end of its longer side (the right edge of a landscape or square
+photo, the bottom of a portrait one) is held out and cut into non-overlapping `size x size`
+tiles for validation and testing; the rest of the photo is its training region. Training
+patches are cut at random positions inside the training regions every time they are drawn,
+so no validation or test pixel is ever seen in training.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-__all__ = ["DEMO_PHOTOS", "demo_crops"]
+__all__ = ["DEMO_PHOTOS", "DemoSplits", "RandomPatches", "demo_photos", "demo_splits"]
 
 DEMO_PHOTOS = (
     "astronaut",
@@ -20,27 +30,102 @@ DEMO_PHOTOS = (
 )
 
 
-def demo_crops(size: int = 64, count: int = 96, seed: int = 0, zoom: float = 3.0) -> torch.Tensor:
-    """Fixed crops of the bundled photos: -> (count, 3, size, size) uint8.
-
-    Each photo is first reduced (antialiased bicubic) so its shorter side is `zoom * size`,
-    then `count` crops are cut round-robin over the photos at positions drawn from `seed`.
-    """
+def demo_photos(size: int, zoom: float) -> list[torch.Tensor]:
+    """The bundled photos, each (3, H, W) uint8 with min(H, W) = round(zoom * size)."""
     import skimage.data  # imported here: only the demo needs it
 
-    rng = np.random.default_rng(seed)
+    short = int(round(zoom * size))
+    if short < 2 * size:
+        raise ValueError(
+            f"data.demo_zoom={zoom} leaves photos of {short} px: need at least 2 x data.size="
+            f"{size} (a training region beside the held-out strip)"
+        )
     photos = []
     for name in DEMO_PHOTOS:
         img = torch.from_numpy(np.ascontiguousarray(getattr(skimage.data, name)())).permute(2, 0, 1)
-        short = int(round(zoom * size))
-        if min(img.shape[-2:]) > short:
-            img = TF.resize(img, short, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        photos.append(img)
-    crops = []
-    for i in range(count):
-        img = photos[i % len(photos)]
-        h, w = img.shape[-2:]
-        top = int(rng.integers(0, h - size + 1))
-        left = int(rng.integers(0, w - size + 1))
-        crops.append(img[:, top : top + size, left : left + size])
-    return torch.stack(crops).contiguous()
+        img = TF.resize(img, short, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        photos.append(img.contiguous())
+    return photos
+
+
+def split_photo(img: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One photo (3, H, W) -> (training region (3, H', W'), held-out tiles (n, 3, size, size)).
+
+    The held-out strip is the last `size` columns (W >= H) or rows (H > W); its tiles start at
+    the strip's beginning and do not overlap.
+    """
+    if img.shape[-1] >= img.shape[-2]:  # landscape or square: hold out the right edge
+        region, strip = img[:, :, :-size], img[:, :, -size:]
+        tiles = strip.unfold(1, size, size).permute(1, 0, 3, 2)  # (n, 3, size, size)
+    else:  # portrait: hold out the bottom
+        region, strip = img[:, :-size, :], img[:, -size:, :]
+        tiles = strip.unfold(2, size, size).permute(2, 0, 1, 3)
+    return region.contiguous(), tiles.contiguous()
+
+
+def grid_tiles(region: torch.Tensor, size: int) -> torch.Tensor:
+    """Non-overlapping `size x size` tiles of a region (3, H, W), row by row: (n, 3, size, size)."""
+    tiles = region.unfold(1, size, size).unfold(2, size, size)  # (3, nh, nw, size, size)
+    return tiles.permute(1, 2, 0, 3, 4).reshape(-1, region.shape[0], size, size).contiguous()
+
+
+@dataclass
+class DemoSplits:
+    """regions: the training regions (3, H_i, W_i) uint8; train: their grid tiles
+    (fixed, for latent statistics); val, test: held-out tiles (n, 3, size, size) uint8."""
+
+    regions: list[torch.Tensor]
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def demo_splits(size: int, zoom: float = 4.0, n_val: int = 8, n_test: int = 16) -> DemoSplits:
+    """Split the bundled photos into training regions and disjoint val / test tiles.
+
+    Held-out tiles are taken round-robin over the photos (every photo's first tile, then
+    every photo's second, ...); even positions go to test, odd ones to validation, so both
+    splits cover every photo.
+    """
+    regions, held = [], []
+    for img in demo_photos(size, zoom):
+        region, tiles = split_photo(img, size)
+        regions.append(region)
+        held.append(tiles)
+    order = [t[j] for j in range(max(len(t) for t in held)) for t in held if j < len(t)]
+    test, val = order[0::2], order[1::2]
+    if n_test > len(test) or n_val > len(val):
+        raise ValueError(
+            f"the demo holds out {len(test)} test and {len(val)} validation tiles at "
+            f"data.size={size}, data.demo_zoom={zoom}; lower data.demo_test={n_test} / "
+            f"data.demo_val={n_val} or raise data.demo_zoom"
+        )
+
+    def stack(tiles: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tiles) if tiles else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+    train = torch.cat([grid_tiles(r, size) for r in regions])
+    return DemoSplits(regions, train, stack(val[:n_val]), stack(test[:n_test]))
+
+
+class RandomPatches:
+    """`length` training patches, each cut at a fresh random position from a training region.
+
+    Item i comes from region `i % len(regions)` (every photo equally often); positions use
+    torch's global random generator, as the random flips do. Items are (3, size, size) uint8.
+    """
+
+    def __init__(self, regions: list[torch.Tensor], size: int, length: int):
+        if length < 1:
+            raise ValueError(f"data.demo_count must be at least 1, got {length}")
+        self.regions, self.size, self.length = regions, size, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        region = self.regions[index % len(self.regions)]
+        h, w = region.shape[-2:]
+        top = int(torch.randint(0, h - self.size + 1, ()))
+        left = int(torch.randint(0, w - self.size + 1, ()))
+        return region[:, top : top + self.size, left : left + self.size]

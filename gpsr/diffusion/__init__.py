@@ -1,11 +1,23 @@
 """Diffusion math kept apart from networks and from Lightning."""
 
 from gpsr.diffusion.gaussian import (
+    PREDICTIONS,
+    WEIGHTINGS,
     GaussianDiffusion,
     cosine_betas,
+    diagnostic_timesteps,
     linear_betas,
     make_betas,
     sampling_timesteps,
 )
 
-__all__ = ["GaussianDiffusion", "cosine_betas", "linear_betas", "make_betas", "sampling_timesteps"]
+__all__ = [
+    "PREDICTIONS",
+    "WEIGHTINGS",
+    "GaussianDiffusion",
+    "cosine_betas",
+    "diagnostic_timesteps",
+    "linear_betas",
+    "make_betas",
+    "sampling_timesteps",
+]

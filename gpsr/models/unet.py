@@ -1,7 +1,9 @@
 """The improved-diffusion UNet (Nichol & Dhariwal 2021) used as the latent noise predictor.
 
 Knows nothing of diffusion: it maps (x, t) to an output of the same spatial size. Attention
-goes through `F.scaled_dot_product_attention`.
+goes through `F.scaled_dot_product_attention`. Module names and the attention's channel
+layout are those of improved-diffusion (and of the paper authors' release), so their weights
+load by name and compute the same function (`gpsr.convert`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) computed in float32 whatever the input dtype (safe under bf16 autocast)."""
+    """GroupNorm(32) computed in at least float32 whatever the input dtype (safe under bf16
+    autocast; float64 stays float64)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def _norm(channels: int) -> nn.Module:
@@ -48,7 +51,11 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """(N, c_in, h, w) + embedding (N, emb) -> (N, c_out, h, w)."""
+    """(N, c_in, h, w) + embedding (N, emb) -> (N, c_out, h, w).
+
+    out_layers = [GroupNorm, SiLU, Dropout, zero-initialised conv]; the embedding is added
+    before the norm, or with `scale_shift_norm` applied as `norm(h) * (1 + scale) + shift`.
+    """
 
     def __init__(self, c_in: int, emb_dim: int, c_out: int, dropout: float, scale_shift_norm: bool):
         super().__init__()
@@ -57,25 +64,32 @@ class ResBlock(nn.Module):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_dim, 2 * c_out if scale_shift_norm else c_out)
         )
-        self.out_norm = _norm(c_out)
         self.out_layers = nn.Sequential(
-            nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+            _norm(c_out),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            _zero(nn.Conv2d(c_out, c_out, 3, padding=1)),
         )
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+        self.skip_connection = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        norm, rest = self.out_layers[0], self.out_layers[1:]
         if self.scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = norm(h) * (1 + scale) + shift
         else:
-            h = self.out_norm(h + e)
-        return self.skip(x) + self.out_layers(h)
+            h = norm(h + e)
+        return self.skip_connection(x) + rest(h)
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over spatial positions: (N, C, h, w) -> (N, C, h, w)."""
+    """Multi-head self-attention over spatial positions: (N, C, h, w) -> (N, C, h, w).
+
+    The 3C qkv channels are grouped by head first, then (q, k, v) inside each head, each of
+    d = C / heads channels: improved-diffusion's layout, `(heads, 3, d)`.
+    """
 
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
@@ -90,7 +104,7 @@ class AttentionBlock(nn.Module):
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(n, c, h * w))
         q, k, v = rearrange(
-            qkv, "n (three heads d) l -> three n heads l d", three=3, heads=self.num_heads
+            qkv, "n (heads three d) l -> three n heads l d", three=3, heads=self.num_heads
         )
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "n heads l d -> n (heads d) l")

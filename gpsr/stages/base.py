@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from gpsr.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint
+from gpsr.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint, upgrade_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class StageModule(L.LightningModule):
         check_gpsr_checkpoint(
             checkpoint, "ckpt_path", stage=self.stage, scale=int(self.hparams["scale"])
         )
+        upgrade_checkpoint(checkpoint, "ckpt_path")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # AtomicCheckpointIO seals this with a digest of the whole checkpoint.

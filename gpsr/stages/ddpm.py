@@ -11,10 +11,10 @@ from torch.optim.swa_utils import AveragedModel
 
 from gpsr import ops
 from gpsr.callbacks import panel_rows
-from gpsr.diffusion import GaussianDiffusion
+from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
-from gpsr.sampling import IndexNoise, LatentStats, super_resolve
+from gpsr.sampling import IndexNoise, LatentStats, super_resolve, timestep_diagnostic
 from gpsr.speed import apply_speedups
 from gpsr.stages.base import StageModule, plain
 from gpsr.stages.flow import flow_from_checkpoint
@@ -23,6 +23,16 @@ __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
 
 # The frozen flow is kept in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def _ddpm_checkpoint(path: str, scale: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, hyper_parameters) of a DDPM-stage checkpoint, checked and upgraded."""
+    from gpsr.checkpoint import check_gpsr_checkpoint, load_checkpoint, upgrade_checkpoint
+
+    data = load_checkpoint(path)
+    check_gpsr_checkpoint(data, path, stage="ddpm", scale=scale)
+    upgrade_checkpoint(data, path)
+    return data["state_dict"], data.get("hyper_parameters", {})
 
 
 def ema_avg_fn(decay: float, warmup: bool = True):
@@ -42,10 +52,17 @@ class LatentDiffusionModule(StageModule):
     """Lightning wrapper of the latent DDPM stage.
 
     Args:
-        flow_ckpt: path of a trained flow-stage checkpoint (required).
+        flow_ckpt: path of a trained flow-stage checkpoint (required unless init_ckpt).
+        init_ckpt: start from the weights of a DDPM-stage checkpoint (e.g. the authors'
+            model converted by `gpsr.convert`): flow, UNet, EMA, latent statistics, and its
+            UNet / diffusion settings; the optimiser and step counter start fresh.
         scale: SR factor; must match the flow checkpoint.
         unet: UNet settings; in_channels must be 4C and out_channels 3C for C image channels.
-        diffusion: GaussianDiffusion settings (num_timesteps, schedule, time_scale).
+        diffusion: GaussianDiffusion settings (num_timesteps, schedule, time_scale,
+            prediction, loss_weighting, min_snr_gamma); stored in the checkpoint, so
+            validation, evaluation, sampling and `GPSR.load` read the network the same way.
+        diagnostic_buckets: validation also logs the loss and the x0 error at the middle of
+            this many t-ranges (`val/loss_t/<t>`, `val/x0_mse_t/<t>`, EMA weights); 0 disables.
         ema_decay, ema_warmup: EMA of the UNet weights (torch.optim.swa_utils.AveragedModel).
         val_steps, val_eta, val_seed: sampler used for validation (with the EMA weights).
         panel_samples: samples per image for the uncertainty (std) row of the image panel.
@@ -66,14 +83,20 @@ class LatentDiffusionModule(StageModule):
         val_eta: float = 1.0,
         val_seed: int = 0,
         panel_samples: int = 4,
+        diagnostic_buckets: int = 10,
         optimizer=None,
         scheduler=None,
         grad_clip: float | None = 1.0,
         nonfinite: str = "raise",
         flow: dict[str, Any] | None = None,
         speed: dict[str, Any] | None = None,
+        init_ckpt: str | None = None,
     ):
         super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed)
+        init_state = None
+        if init_ckpt:  # fine-tuning: every weight and setting from a DDPM checkpoint
+            init_state, init_hp = _ddpm_checkpoint(init_ckpt, scale)
+            flow, unet, diffusion = init_hp["flow"], init_hp["unet"], init_hp.get("diffusion")
         if flow is None:  # training: read the trained flow
             if not flow_ckpt:
                 raise ValueError(
@@ -97,6 +120,7 @@ class LatentDiffusionModule(StageModule):
         self.save_hyperparameters(
             {
                 "flow_ckpt": flow_ckpt,
+                "init_ckpt": init_ckpt,
                 "scale": scale,
                 "flow": flow,
                 "unet": unet,
@@ -107,6 +131,7 @@ class LatentDiffusionModule(StageModule):
                 "val_eta": val_eta,
                 "val_seed": val_seed,
                 "panel_samples": panel_samples,
+                "diagnostic_buckets": diagnostic_buckets,
             }
         )
         self.unet = UNet(**unet)
@@ -114,6 +139,9 @@ class LatentDiffusionModule(StageModule):
         self.ema.requires_grad_(False)
         self.diffusion = GaussianDiffusion(**diffusion)
         self.stats = LatentStats(3 * c)
+        self._diag: dict[str, torch.Tensor] | None = None
+        if init_state is not None:
+            self.load_state_dict(init_state)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.unet.parameters())
@@ -190,11 +218,43 @@ class LatentDiffusionModule(StageModule):
         return ops.to_unit(x).clamp(0, 1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        sr = self.sample(batch["lr"], batch["index"].tolist())
+        idx = batch["index"].tolist()
+        if self.hparams.get("diagnostic_buckets", 0) > 0:
+            part = timestep_diagnostic(
+                self.flow,
+                self.ema.module,
+                self.diffusion,
+                self.stats,
+                batch["hr"],
+                idx,
+                self.hparams["val_seed"],
+                self.hparams["diagnostic_buckets"],
+            )
+            self._diag = part if self._diag is None else {k: self._diag[k] + part[k] for k in part}
+        sr = self.sample(batch["lr"], idx)
         return {"hr": ops.to_unit(batch["hr"]), "lr": ops.to_unit(batch["lr"]), "sr": {"gpsr": sr}}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         return self.validation_step(batch, batch_idx)
+
+    def _log_diagnostic(self, prefix: str) -> None:
+        """Log the per-timestep loss / x0 error summed by `validation_step` (all processes)."""
+        if self._diag is None:
+            return
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._diag.items()}
+        self._diag = None
+        n = sums["count"]
+        ts = diagnostic_timesteps(self.diffusion.num_timesteps, len(sums["loss"]))
+        for i, t in enumerate(ts):
+            self.log(f"{prefix}/loss_t/{t:04d}", (sums["loss"][i] / n).float())
+            self.log(f"{prefix}/x0_mse_t/{t:04d}", (sums["x0_mse"][i] / n).float())
+        self.log(f"{prefix}/x0_mse_t/mean_predictor", (sums["mean_x0_mse"] / n).float())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_diagnostic("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_diagnostic("test")
 
     @torch.no_grad()
     def panel(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make demo-parameterization`: the demo's latent DDPM trained with each output
+# parameterization (eps: the paper's, v, x0) on the same flow, data and step budget, each
+# evaluated at 7+1 and 100+1 NFEs on the demo's test tiles. Needs the flow of `make demo`
+# ($GPSR_DEMO_DIR/flow). Writes $GPSR_DEMO_DIR/parameterization/report.md (about 12 minutes
+# on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+OUT=${GPSR_DEMO_DIR:-demo}
+DDPM_STEPS=${DDPM_STEPS:-3000}
+FLOW="$OUT/flow/checkpoints/last.ckpt"
+export WANDB_SILENT=true
+[ -f "$FLOW" ] || { echo "no demo flow at $FLOW: run 'make demo' first" >&2; exit 1; }
+CKPTS=()
+for p in eps v x0; do
+    printf '\n=== latent DDPM, prediction=%s (%s steps) ===\n' "$p" "$DDPM_STEPS"
+    rm -rf "$OUT/ddpm_$p"
+    $PY -m gpsr.train experiment=demo stage=ddpm flow_ckpt="$FLOW" diffusion.prediction="$p" \
+        stage.module.ema_decay=0.999 trainer.max_steps="$DDPM_STEPS" logger=csv \
+        trainer.enable_progress_bar=false test_after_fit=false hydra.run.dir="$OUT/ddpm_$p"
+    CKPTS+=("$OUT/ddpm_$p/checkpoints/last.ckpt")
+done
+rm -rf "$OUT/parameterization"
+$PY -m gpsr.evaluate -m ckpt="$(IFS=,; echo "${CKPTS[*]}")" sampler.steps=7,100 \
+    progress=false baselines='[bicubic,flow]' hydra.sweep.dir="$OUT/parameterization"
+cat "$OUT/parameterization/report.md"
