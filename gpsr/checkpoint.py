@@ -3,11 +3,18 @@
 Every gpsr checkpoint carries `checkpoint["gpsr"] = {"stage", "scale", "version"}` so a file of
 the wrong stage or scale is refused with one line instead of a shape mismatch deep in torch.
 `version` is the weights' layout; `upgrade_checkpoint` converts older layouts on load.
+
+Each gpsr checkpoint is sealed with a SHA-256 of its whole content, stored inside it: a file
+changed or damaged after it was written (a flipped bit, a truncated copy, an edited tensor)
+no longer matches and is refused. The seal is not a signature: whoever can write the file
+can also recompute it, so it guards against accidents, not against tampering. A gpsr
+checkpoint without a seal is refused as well.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import tempfile
@@ -16,6 +23,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from gpsr.errors import GPSRError
 
 __all__ = [
     "CheckpointError",
@@ -34,8 +43,10 @@ __all__ = [
 #    `skip_connection`), identical to the paper authors' release.
 FORMAT_VERSION = 2
 
+log = logging.getLogger(__name__)
 
-class CheckpointError(ValueError):
+
+class CheckpointError(GPSRError, ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
@@ -65,6 +76,12 @@ def checkpoint_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
@@ -78,6 +95,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -98,18 +116,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             f"objects other than tensors and plain containers, so it may have been tampered "
             f"with ({first})"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({err})") from err
+    except Exception as err:  # noqa: BLE001 - any failure to deserialize is a damaged file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(
             f"checkpoint {path} is not a gpsr checkpoint (got {type(ckpt).__name__})"
         )
-    digest = ckpt["gpsr"].get("sha256") if isinstance(ckpt.get("gpsr"), dict) else None
-    if digest is not None and checkpoint_digest(ckpt) != digest:
-        raise CheckpointError(
-            f"checkpoint {path} failed its integrity check: its content changed after it was "
-            f"saved (tampered with or corrupted)"
-        )
+    if isinstance(ckpt.get("gpsr"), dict):
+        digest = ckpt["gpsr"].get("sha256")
+        if digest is None:
+            raise CheckpointError(
+                f"checkpoint {path} has no integrity seal (gpsr/sha256): it was not written by "
+                f"gpsr's checkpoint IO or its seal was removed"
+            )
+        if checkpoint_digest(ckpt) != digest:
+            raise CheckpointError(
+                f"checkpoint {path} failed its integrity check: its content changed after it "
+                f"was saved (damaged, truncated or edited)"
+            )
     return ckpt
 
 
@@ -188,13 +213,29 @@ def upgrade_checkpoint(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]
 
 
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
-    """`<run_dir>/checkpoints/last.ckpt` if it exists, else the newest `*.ckpt` there, else None."""
+    """The newest checkpoint under `<run_dir>/checkpoints/` that loads and verifies, or None.
+
+    Checkpoints are written in step order, so the newest file is the furthest along; one
+    that fails to load (a stale or damaged file) is passed over with a warning. Temporary
+    files left by a save that was killed are removed first.
+    """
     folder = Path(run_dir) / "checkpoints"
-    last = folder / "last.ckpt"
-    if last.is_file():
-        return last
-    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    if not folder.is_dir():
+        return None
+    for tmp in folder.glob(".*.ckpt.*.tmp"):
+        log.warning("removing %s, left by an interrupted checkpoint save", tmp)
+        tmp.unlink(missing_ok=True)
+    newest_first = sorted(
+        folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True
+    )
+    for path in newest_first:
+        try:
+            load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("not resuming from %s: %s", path, err)
+            continue
+        return path
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

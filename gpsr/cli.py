@@ -13,36 +13,50 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpsr.errors import ConfigError, GPSRError, OutputError
+
 log = logging.getLogger("gpsr")
 
 __all__ = ["CONFIG_DIR", "check_output_dir", "report_errors", "finish_wandb", "preflight"]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FloatingPointError,
-    PermissionError,
-    NotADirectoryError,
-)
+
+def per_device_batch(global_batch: int, devices: Any, nodes: Any, accumulate: Any) -> int:
+    """`${gpsr.per_device_batch:...}`: the per-device batch of a global batch split over
+    devices x nodes x gradient-accumulation steps; an uneven split is a ConfigError."""
+    try:
+        world = int(devices) * int(nodes) * int(accumulate)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"global_batch_size={global_batch} needs trainer.devices, trainer.num_nodes and "
+            f"trainer.accumulate_grad_batches as integers (got {devices!r}, {nodes!r}, "
+            f"{accumulate!r})"
+        ) from None
+    if world < 1 or int(global_batch) % world:
+        raise ConfigError(
+            f"global_batch_size={global_batch} does not split evenly over {devices} device(s) x "
+            f"{nodes} node(s) x {accumulate} accumulation step(s); change one of them"
+        )
+    return int(global_batch) // world
 
 
-def _raised_by_gpsr(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb.tb_frame.f_code.co_filename
-        tb = tb.tb_next
-    return last is not None and f"{os.sep}gpsr{os.sep}" in last
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("gpsr.per_device_batch", per_device_batch, replace=True)
 
 
-def user_error(exc: BaseException) -> BaseException | None:
-    """The gpsr validation error behind `exc` (through Hydra's wrapping), or None."""
+_register_resolvers()
+
+
+def user_error(exc: BaseException) -> GPSRError | None:
+    """The `GPSRError` behind `exc` (raised by gpsr's own checks, possibly wrapped by Hydra,
+    Lightning or a re-raise), or None: anything else is not the user's and keeps its traceback."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, USER_ERRORS) and _raised_by_gpsr(exc):
+        if isinstance(exc, GPSRError):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
@@ -58,8 +72,9 @@ def finish_wandb(exit_code: int = 0) -> None:
 
 
 def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run an entry point; a gpsr validation error becomes one line and exit status 1
-    (set GPSR_DEBUG=1 for the traceback). W&B is always closed."""
+    """Run an entry point; a `GPSRError` becomes one line and exit status 1 (set
+    GPSR_DEBUG=1 for the traceback); any other exception keeps its traceback. W&B is always
+    closed."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -91,13 +106,13 @@ def check_output_dir(path: str | Path, need_bytes: int = 0) -> Path:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(
+        raise OutputError(
             f"output directory {path} is not writable ({err.strerror or err}); set "
             f"paths.log_dir or hydra.run.dir to a writable place"
         ) from None
     free = shutil.disk_usage(path).free
     if free < need_bytes:
-        raise PermissionError(
+        raise OutputError(
             f"only {free / 2**20:.0f} MiB free on the disk of {path}, but this run needs about "
             f"{need_bytes / 2**20:.0f} MiB for its checkpoints; free space or move paths.log_dir"
         )

@@ -30,6 +30,7 @@ import torch
 
 from gpsr.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_digest
 from gpsr.diffusion import GaussianDiffusion
+from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 
@@ -275,14 +276,14 @@ def _parse(argv: list[str]) -> dict[str, str]:
     for item in argv:
         key, sep, value = item.partition("=")
         if not sep or key not in ("release", "out", "ema", "config", "scale"):
-            raise ValueError(
+            raise ConfigError(
                 f"unknown argument {item!r}; usage: python -m gpsr.convert release=<file.pt> "
                 f"out=<file.ckpt> [ema=true|false] [config=<release json>] [scale=8]"
             )
         args[key] = value
     for key in ("release", "out"):
         if key not in args:
-            raise ValueError(f"{key}= is required (python -m gpsr.convert release=... out=...)")
+            raise ConfigError(f"{key}= is required (python -m gpsr.convert release=... out=...)")
     return args
 
 
@@ -293,26 +294,26 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(sys.argv[1:] if argv is None else argv)
         ema = args.get("ema", "true").lower()
         if ema not in ("true", "false"):
-            raise ValueError(f"ema must be true or false, got {args['ema']!r}")
+            raise ConfigError(f"ema must be true or false, got {args['ema']!r}")
         config = None
         if "config" in args:
             try:
                 config = json.loads(Path(args["config"]).read_text())
             except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(
+                raise ConfigError(
                     f"config={args['config']}: cannot read it as JSON ({err})"
                 ) from None
         settings = gpsr_settings(config or PAPER_RELEASE_CONFIG)
         if "scale" in args and int(args["scale"]) != settings["scale"]:
-            raise ValueError(
+            raise ConfigError(
                 f"scale={args['scale']} but the release model is {settings['scale']}x "
                 f"(the paper's model is FFHQ-128 8x; pass its config=<json> for another)"
             )
         src, out = Path(args["release"]), Path(args["out"])
         if not src.is_file():
-            raise ValueError(f"release={src} does not exist")
+            raise ConfigError(f"release={src} does not exist")
         if out.exists():
-            raise ValueError(f"out={out} already exists; choose another name or remove it")
+            raise ConfigError(f"out={out} already exists; choose another name or remove it")
         try:
             release = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets one line

@@ -28,6 +28,7 @@ from gpsr import ops
 from gpsr.callbacks import panel_rows, to_uint8_grid
 from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.diffusion import diagnostic_timesteps
+from gpsr.errors import ConfigError
 from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
 from gpsr.sampling import timestep_diagnostic
@@ -58,7 +59,7 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
         methods["bicubic"] = (lambda lr, idx: ops.upsample_bicubic(lr, s).clamp(0, 1), "0")
     if "pseudoinverse" in cfg.baselines:
         methods["pseudoinverse"] = (lambda lr, idx: ops.pseudoinverse(lr, s).clamp(0, 1), "0")
-    if "flow" in cfg.baselines or model.unet is None:
+    if "flow" in cfg.baselines or model.unet is None or sampler.steps == 0:
         methods["flow"] = (
             lambda lr, idx: model.super_resolve(
                 lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx
@@ -117,7 +118,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.scale is None:
             cfg.scale = model.scale
     if cfg.scale != model.scale:
-        raise ValueError(
+        raise ConfigError(
             f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
         )
     datamodule = instantiate(cfg.data)
@@ -177,7 +178,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             std = outputs[last].std(1) if outputs[last].dim() == 5 else None
             panel = panel_rows(lr, hr, firsts, model.scale, last, std)
     if n_images == 0:
-        raise ValueError(f"the {cfg.split} split gave no images to evaluate")
+        raise ConfigError(f"the {cfg.split} split gave no images to evaluate")
     nfe = {name: label for name, (_, label) in methods.items()}
     its = torch.cat(proj_iters).float() if proj_iters else None
     results: dict[str, dict[str, Any]] = {}

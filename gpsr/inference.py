@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from gpsr.checkpoint import (
     upgrade_checkpoint,
 )
 from gpsr.diffusion import GaussianDiffusion
+from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.sampling import IndexNoise, LatentStats, super_resolve
@@ -52,6 +54,15 @@ class GPSR(nn.Module):
     @property
     def scale(self) -> int:
         return self.flow.scale
+
+    def lr_size_rule(self) -> tuple[int, int]:
+        """(multiple, minimum) for LR sides: the latent (k x the LR side) must divide by the
+        UNet's down-sampling, and its deepest level must keep at least 2 x 2 pixels."""
+        if self.unet is None:
+            return 1, 1
+        div = 2 ** (self.unet.levels - 1)
+        multiple = div // math.gcd(div, self.flow.k)
+        return multiple, max(multiple, -(-2 * div // self.flow.k))
 
     @property
     def device(self) -> torch.device:
@@ -106,11 +117,18 @@ class GPSR(nn.Module):
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
         """
         if lr.dim() != 4 or lr.shape[1] != self.flow.channels:
-            raise ValueError(
+            raise ConfigError(
                 f"lr must be (N, {self.flow.channels}, h, w) in [0, 1], got {tuple(lr.shape)}"
             )
         if steps > 0 and self.unet is None:
-            raise ValueError("this checkpoint has no diffusion model (flow stage): use steps=0")
+            raise ConfigError("this checkpoint has no diffusion model (flow stage): use steps=0")
+        multiple, minimum = self.lr_size_rule()
+        h, w = lr.shape[-2:]
+        if steps > 0 and (min(h, w) < minimum or h % multiple or w % multiple):
+            raise ConfigError(
+                f"LR images of {w}x{h}: this model needs sides of at least {minimum} that are "
+                f"multiples of {multiple}"
+            )
         lr = lr.to(self.device, torch.float32)
         y = ops.to_signed(lr)
         outs = []

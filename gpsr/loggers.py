@@ -1,14 +1,42 @@
-"""Logger factories: W&B offline by default (no account, no network), online with a key."""
+"""Loggers: W&B offline by default (no account, no network), online with a key; a CSV logger
+whose history survives a resume."""
 
 from __future__ import annotations
 
+import csv
 import os
 import uuid
 from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-__all__ = ["wandb_logger", "wandb_offline"]
+__all__ = ["wandb_logger", "wandb_offline", "ResumableCSVLogger"]
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps its rows and
+    header and appends, so a resumed run's history continues in the same file."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                header = next(csv.reader(fh), [])
+            self.metrics_keys = sorted(set(header))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """`lightning.pytorch.loggers.CSVLogger` that appends to the metrics.csv of its folder."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
 
 RUN_ID_FILE = "wandb_run_id.txt"
 

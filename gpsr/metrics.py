@@ -1,4 +1,4 @@
-"""Table 1 metrics as torchmetrics objects (SPEC §6): PSNR, SSIM, consistency.
+"""Table 1 metrics as torchmetrics objects (docs/method.md §6): PSNR, SSIM, consistency.
 
 All take images in [0, 1]. Per-image values are averaged over images, and the states reduce
 across DDP processes (sums and counts, or gathered per-image values).
@@ -26,7 +26,7 @@ def psnr_metric() -> PeakSignalNoiseRatio:
 
 
 class SSIM(Metric):
-    """Per-image RGB SSIM, mean over images (SPEC §6; the SR3 / IDM / scikit-image convention).
+    """Per-image RGB SSIM, mean over images (docs/method.md §6; the SR3 / IDM / scikit-image convention).
 
     Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1. The SSIM map comes from
     torchmetrics; each image's value is the mean of that map over all channels with the

@@ -1,15 +1,18 @@
 """The fixed operators of GPSR: degradation, Haar transform, embeddings and projections.
 
 One implementation of each operation, used by the data pipeline, the losses, the metrics and
-the sampler alike (SPEC §1, §2, §8). Images are float tensors shaped (N, C, H, W).
+the sampler alike (docs/method.md §1, §2, §8). Images are float tensors shaped (N, C, H, W).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
+
+from gpsr.errors import ConfigError
 
 __all__ = [
     "to_signed",
@@ -24,6 +27,7 @@ __all__ = [
     "project_consistent",
     "project_consistent_box",
     "haar2d",
+    "haar_logdet",
     "ihaar2d",
     "upsample_nearest",
     "downsample_average",
@@ -45,7 +49,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform dequantization of 8-bit images in [-1, 1] (SPEC §1).
+    """Uniform dequantization of 8-bit images in [-1, 1] (docs/method.md §1).
 
     The one place dequantization happens: the training steps of both stages call it.
     x: (N, C, H, W) in [-1, 1] on 8-bit levels -> same shape, `x + U[0, 2/255)`.
@@ -57,16 +61,16 @@ def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
 def check_divisible(height: int, width: int, scale: int, what: str = "image") -> None:
     """Raise ValueError naming the sizes unless both sides are multiples of `scale`."""
     if scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale}")
+        raise ConfigError(f"scale must be a positive integer, got {scale}")
     if height % scale or width % scale:
-        raise ValueError(
+        raise ConfigError(
             f"{what} of size {height}x{width} is not divisible by the scale {scale}; "
             f"crop it with gpsr.ops.modcrop or choose a size that is a multiple of {scale}"
         )
 
 
 def modcrop(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """Crop the bottom/right so both sides are multiples of `scale` (SPEC §1).
+    """Crop the bottom/right so both sides are multiples of `scale` (docs/method.md §1).
 
     x: (..., H, W) -> (..., H - H % scale, W - W % scale). Values unchanged.
     """
@@ -79,10 +83,10 @@ def degrade(x: torch.Tensor, scale: int) -> torch.Tensor:
 
     Exactly `F.interpolate(mode="bicubic", antialias=True, align_corners=False)`.
     x: (N, C, H, W), any range, H and W multiples of `scale` -> (N, C, H/s, W/s), same range
-    up to bicubic overshoot. Float output, never clamped or rounded (SPEC §1).
+    up to bicubic overshoot. Float output, never clamped or rounded (docs/method.md §1).
     """
     if x.dim() != 4:
-        raise ValueError(f"degrade expects (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ConfigError(f"degrade expects (N, C, H, W), got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
     check_divisible(h, w, scale)
     if scale == 1:
@@ -120,7 +124,7 @@ def pinv_matrix(
 
 
 def pseudoinverse(y: torch.Tensor, scale: int) -> torch.Tensor:
-    """Linear Moore-Penrose pseudoinverse `D_s^+ y = A_h^+ y A_w^+T` (SPEC §8, Remark 1).
+    """Linear Moore-Penrose pseudoinverse `D_s^+ y = A_h^+ y A_w^+T` (docs/method.md §8, Remark 1).
 
     y: (N, C, h, w) -> (N, C, h*s, w*s), minimum-norm solution of `degrade(x) = y`.
     """
@@ -137,7 +141,7 @@ def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Te
     precision. Not clamped: see `project_consistent_box` for outputs that must stay in a range.
     """
     if y.shape[-2] * scale != x.shape[-2] or y.shape[-1] * scale != x.shape[-1]:
-        raise ValueError(
+        raise ConfigError(
             f"project_consistent: x {tuple(x.shape)} and y {tuple(y.shape)} do not match scale {scale}"
         )
     return x + pseudoinverse(y - degrade(x, scale), scale)
@@ -236,7 +240,7 @@ def project_consistent_box(
 
 
 def haar2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-level Haar transform `H` on 2x2 blocks (SPEC §2).
+    """One-level Haar transform `H` on 2x2 blocks (docs/method.md §2).
 
     x: (N, C, H, W), even H and W -> coarse (N, C, H/2, W/2) = 2x2 average,
     details (N, 3C, H/2, W/2) = [horizontal | vertical | diagonal], each block of C channels
@@ -253,11 +257,20 @@ def haar2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return coarse, torch.cat([d1, d2, d3], dim=1)
 
 
+def haar_logdet(x: torch.Tensor) -> float:
+    """log |det| of `haar2d`'s Jacobian for one image of x's shape (N, C, H, W): a constant.
+
+    Each 2x2 block maps to its 4 outputs by (1/4) x a 4x4 Hadamard matrix, |det| = 1/16, so
+    the transform contributes -log(2) per pixel (-1 bit per dimension).
+    """
+    return -math.log(2.0) * x[0].numel()
+
+
 def ihaar2d(coarse: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
     """Exact inverse of `haar2d`: (N, C, h, w) + (N, 3C, h, w) -> (N, C, 2h, 2w)."""
     n, c, h, w = coarse.shape
     if details.shape != (n, 3 * c, h, w):
-        raise ValueError(
+        raise ConfigError(
             f"ihaar2d: details {tuple(details.shape)} do not match coarse {tuple(coarse.shape)}"
         )
     d1, d2, d3 = details.chunk(3, dim=1)
@@ -270,7 +283,7 @@ def ihaar2d(coarse: torch.Tensor, details: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_nearest(y: torch.Tensor, k: int) -> torch.Tensor:
-    """Nearest-neighbour embedding `U_k` of the measurement in the coarse space (SPEC §2).
+    """Nearest-neighbour embedding `U_k` of the measurement in the coarse space (docs/method.md §2).
 
     y: (N, C, h, w) -> (N, C, k*h, k*w); each pixel repeated on a k x k block.
     """

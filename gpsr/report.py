@@ -16,6 +16,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from gpsr.errors import InputNotFoundError
+
 log = logging.getLogger("gpsr.report")
 
 __all__ = ["collect", "write_report", "SweepReportCallback", "main"]
@@ -59,7 +61,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"no evaluation results (*/metrics.json) under {sweep_dir}")
+        raise InputNotFoundError(f"no evaluation results (*/metrics.json) under {sweep_dir}")
     # A sweep over checkpoints of several parameterizations labels GPSR rows by it.
     if len({r["prediction"] for r in rows if r["method"].startswith("gpsr")}) > 1:
         for r in rows:

@@ -2,13 +2,15 @@
 
 Writes `<name>_sr.png` (or `<name>_sr{k}.png` for `samples=K` plus `<name>_std.png`, the
 per-pixel standard deviation over samples), optionally float32 `.npy` (`save_float=true`),
-and prints each image's consistency. A bad file gets one line naming it; the rest go on.
+and prints each image's consistency. Every output name is planned before the model loads:
+an existing file is never replaced unless `overwrite=true`, two inputs never write the same
+file (`cat.png` and `cat.jpg` give `cat_png_sr.png` and `cat_jpg_sr.png`), and no output is
+ever an input. A bad file gets one line naming it; the rest go on.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -19,23 +21,16 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from gpsr import ops
-from gpsr.cli import CONFIG_DIR, preflight, report_errors
+from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
+from gpsr.errors import ConfigError, GPSRError, InputNotFoundError, OutputError
 from gpsr.evaluate import pick_device
 from gpsr.inference import GPSR
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
 
 log = logging.getLogger("gpsr.sample")
 
-__all__ = ["lr_multiple", "sample_images", "main"]
-
-
-def lr_multiple(model: GPSR) -> int:
-    """LR sides must be multiples of this, so the latent fits the UNet's down-sampling."""
-    if model.unet is None:
-        return 1
-    div = 2 ** (model.unet.levels - 1)
-    return div // math.gcd(div, model.flow.k)
+__all__ = ["plan_outputs", "check_plan", "sample_images", "main"]
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -43,88 +38,138 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+def list_inputs(src: Path) -> list[Path]:
+    """The input file, or every file of the input folder (not recursive), sorted."""
+    if not src.exists():
+        raise InputNotFoundError(f"input={src} does not exist")
+    return [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
+
+
+def plan_outputs(
+    files: list[Path], out_dir: Path, samples: int, save_float: bool
+) -> dict[Path, list[Path]]:
+    """Every file each input will write: `<name>_sr.png` (`<name>_sr{k}.png` and
+    `<name>_std.png` for samples > 1), plus `.npy` twins with save_float. `<name>` is the
+    input's stem, or stem and extension (`cat_jpg`) when two inputs share a stem."""
+    stems = [p.stem for p in files]
+    plan = {}
+    for path in files:
+        name = path.stem if stems.count(path.stem) == 1 else f"{path.stem}_{path.suffix[1:]}"
+        bases = [f"{name}_sr"] if samples == 1 else [f"{name}_sr{k}" for k in range(samples)]
+        outs = [out_dir / f"{b}.png" for b in bases]
+        if samples > 1:
+            outs.append(out_dir / f"{name}_std.png")
+        if save_float:
+            outs += [o.with_suffix(".npy") for o in outs]
+        plan[path] = outs
+    return plan
+
+
+def check_plan(plan: dict[Path, list[Path]], overwrite: bool) -> None:
+    """Refuse, in one line, outputs that would replace a file or another output, or an input."""
+    inputs = {p.resolve() for p in plan}
+    seen: dict[Path, Path] = {}
+    for src, outs in plan.items():
+        for out in outs:
+            key = out.resolve()
+            if key in seen:
+                raise ConfigError(f"{src} and {seen[key]} would both write {out}; rename one")
+            seen[key] = src
+            if out.exists() and not overwrite:
+                raise ConfigError(
+                    f"output {out} already exists; choose another output= folder or set "
+                    f"overwrite=true"
+                )
+            if key in inputs:
+                raise ConfigError(
+                    f"output {out} of {src} is itself an input: write to another folder "
+                    f"(output=...)"
+                )
+
+
+def prepare_output(out_dir: Path) -> Path:
+    """The output folder, created and checked writable (before any model is loaded)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output={out_dir} is a file, not a folder")
+    return check_output_dir(out_dir)
+
+
 def sample_images(cfg: DictConfig) -> int:
     """Process every input image; returns the number of files that failed."""
+    src, out_dir = Path(cfg.input), Path(cfg.output)
+    files = list_inputs(src)
+    plan = plan_outputs(files, out_dir, cfg.samples, cfg.save_float)
+    check_plan(plan, cfg.get("overwrite", False))
+    prepare_output(out_dir)
     device = pick_device(cfg.device)
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema)
     steps = cfg.steps if model.unet is not None else 0
-    src = Path(cfg.input)
-    if not src.exists():
-        raise FileNotFoundError(f"input={src} does not exist")
-    files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
-    out_dir = Path(cfg.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    multiple = lr_multiple(model)
     failures = 0
-    for path in files:
+    for path, outs in plan.items():
         try:
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ImageFileError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
-            img = decode_rgb(path)
-        except ImageFileError as err:
+            process_one(model, path, outs, steps, cfg)
+        except GPSRError as err:
             failures += 1
-            print(f"skipped: {err}", file=sys.stderr, flush=True)
-            continue
-        h, w = img.shape[-2:]
-        if h < multiple or w < multiple:
-            failures += 1
-            print(
-                f"skipped: {path} is {w}x{h}; LR images must be at least {multiple}x{multiple}",
-                file=sys.stderr,
-                flush=True,
-            )
-            continue
-        if h % multiple or w % multiple:
-            img = ops.modcrop(img, multiple)
-            log.warning(
-                "%s: %dx%d is not a multiple of %d; cropped to %dx%d",
-                path,
-                w,
-                h,
-                multiple,
-                img.shape[-1],
-                img.shape[-2],
-            )
-        lr = (img.float() / 255.0)[None].to(device)
-        sr = model.super_resolve(
-            lr,
-            steps=steps,
-            eta=cfg.eta,
-            samples=cfg.samples,
-            project=cfg.project,
-            seed=cfg.seed,
-            indices=[0],
-        )
-        stack = sr if cfg.samples > 1 else sr[:, None]  # (1, K, C, H, W)
-        stem = path.stem
-        for k in range(stack.shape[1]):
-            name = f"{stem}_sr" if cfg.samples == 1 else f"{stem}_sr{k}"
-            Image.fromarray(_to_uint8(stack[0, k])).save(out_dir / f"{name}.png")
-            if cfg.save_float:
-                np.save(
-                    out_dir / f"{name}.npy",
-                    stack[0, k].permute(1, 2, 0).cpu().numpy().astype(np.float32),
-                )
-        if cfg.samples > 1:
-            std = stack[0].std(0)
-            Image.fromarray(_to_uint8(std / std.max().clamp(min=1e-8))).save(
-                out_dir / f"{stem}_std.png"
-            )
-            if cfg.save_float:
-                np.save(
-                    out_dir / f"{stem}_std.npy",
-                    std.permute(1, 2, 0).cpu().numpy().astype(np.float32),
-                )
-        cons = per_image_consistency(stack[0], lr.expand(stack.shape[1], -1, -1, -1), model.scale)
-        rounded = (stack[0] * 255).round() / 255
-        cons8 = per_image_consistency(rounded, lr.expand(stack.shape[1], -1, -1, -1), model.scale)
-        print(
-            f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
-            f"consistency x1e-5: float {cons.mean().item() / CONSISTENCY_UNIT:.4g}, "
-            f"8-bit PNG {cons8.mean().item() / CONSISTENCY_UNIT:.4g}",
-            flush=True,
-        )
+            msg = str(err) if str(path) in str(err) else f"{path}: {err}"
+            print(f"skipped: {msg}", file=sys.stderr, flush=True)
     return failures
+
+
+def process_one(model: GPSR, path: Path, outs: list[Path], steps: int, cfg: DictConfig) -> None:
+    """Super-resolve one LR file and write its planned outputs; GPSRError on a bad file."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageFileError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+    img = decode_rgb(path)
+    h, w = img.shape[-2:]
+    multiple, minimum = model.lr_size_rule()
+    if min(h, w) < minimum:
+        raise ImageFileError(
+            f"{path} is {w}x{h}; this model needs LR images of at least {minimum}x{minimum}"
+        )
+    if h % multiple or w % multiple:
+        img = ops.modcrop(img, multiple)
+        log.warning(
+            "%s: %dx%d is not a multiple of %d; cropped to %dx%d",
+            path,
+            w,
+            h,
+            multiple,
+            img.shape[-1],
+            img.shape[-2],
+        )
+    lr = (img.float() / 255.0)[None].to(model.device)
+    sr = model.super_resolve(
+        lr,
+        steps=steps,
+        eta=cfg.eta,
+        samples=cfg.samples,
+        project=cfg.project,
+        seed=cfg.seed,
+        indices=[0],
+    )
+    stack = sr if cfg.samples > 1 else sr[:, None]  # (1, K, C, H, W)
+    images = list(stack[0])
+    if cfg.samples > 1:
+        std = stack[0].std(0)
+        images.append(std / std.max().clamp(min=1e-8))
+        floats = [*stack[0], std]
+    else:
+        floats = [stack[0, 0]]
+    pngs = [o for o in outs if o.suffix == ".png"]
+    for img_out, target in zip(images, pngs):
+        Image.fromarray(_to_uint8(img_out)).save(target)
+    if cfg.save_float:
+        for arr, target in zip(floats, [o for o in outs if o.suffix == ".npy"]):
+            np.save(target, arr.permute(1, 2, 0).cpu().numpy().astype(np.float32))
+    reps = lr.expand(stack.shape[1], -1, -1, -1)
+    cons = per_image_consistency(stack[0], reps, model.scale)
+    cons8 = per_image_consistency((stack[0] * 255).round() / 255, reps, model.scale)
+    print(
+        f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
+        f"consistency x1e-5: float {cons.mean().item() / CONSISTENCY_UNIT:.4g}, "
+        f"8-bit PNG {cons8.mean().item() / CONSISTENCY_UNIT:.4g}",
+        flush=True,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")

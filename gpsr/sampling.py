@@ -10,13 +10,14 @@ from torch import nn
 
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
+from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
 
 __all__ = ["LatentStats", "seeded_normal", "IndexNoise", "super_resolve", "timestep_diagnostic"]
 
 
 class LatentStats(nn.Module):
-    """Per-channel mean / variance and global min / max of the flow latent z (SPEC §4).
+    """Per-channel mean / variance and global min / max of the flow latent z (docs/method.md §4).
 
     Buffers (saved in checkpoints): mean, var (C,), zmin, zmax (), ready () bool.
     `normalise`: z (N, C, h, w) -> z^ = (z - mean) / (2 sqrt(var)), per-channel std 0.5.
@@ -134,7 +135,7 @@ def super_resolve(
         z = draw(shape).to(coarse.dtype)
     else:
         if unet is None or diffusion is None or stats is None:
-            raise ValueError(
+            raise ConfigError(
                 "sampling with steps > 0 needs a UNet, a diffusion and latent statistics"
             )
         zhat = diffusion.sample(

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpsr.checkpoint import find_last_checkpoint
 from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger("gpsr.train")
 
@@ -39,7 +40,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         log.info("resume=auto: %s", found or "no checkpoint yet, starting fresh")
         return str(found) if found else None
     if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+        raise InputNotFoundError(f"ckpt_path={ckpt_path} does not exist")
     return ckpt_path
 
 
@@ -54,7 +55,7 @@ def _plain(metrics: dict[str, Any]) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) one stage as configured; returns the final validation/test metrics."""
     if cfg.stage.name not in STAGES:
-        raise ValueError(f"unknown stage={cfg.stage.name!r}; use stage=flow or stage=ddpm")
+        raise ConfigError(f"unknown stage={cfg.stage.name!r}; use stage=flow or stage=ddpm")
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -73,6 +74,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    if not loggers:  # logger=none: nothing to send learning rates to (Lightning refuses)
+        callbacks = [
+            c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)
+        ]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -80,7 +85,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _plain(trainer.callback_metrics)
-    if cfg.test_after_fit and trainer.state.status == "finished":
+    if cfg.test_after_fit and not datamodule.has_split("test"):
+        log.warning(
+            "no test split in this data (data.test_fraction / data.test_root): the test after "
+            "training is skipped; evaluate with python -m gpsr.evaluate (e.g. data=celebahq)"
+        )
+    elif cfg.test_after_fit and trainer.state.status == "finished":
         test = trainer.test(module, datamodule=datamodule, verbose=False)
         metrics.update(_plain(test[0]) if test else {})
     if trainer.is_global_zero:

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # `make demo`: train both stages on the bundled photos, evaluate (Table 1 protocol with the
 # baselines and the consistency projection), sweep the number of sampling steps, write the
-# report. About 10 minutes on 2 CPU cores. Outputs under $GPSR_DEMO_DIR (default: demo/).
+# report. About 12 minutes on 2 CPU cores. Outputs under $GPSR_DEMO_DIR (default: demo/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${GPSR_DEMO_DIR:-demo}
-FLOW_STEPS=${FLOW_STEPS:-3000}
-DDPM_STEPS=${DDPM_STEPS:-3000}
+FLOW_STEPS=${FLOW_STEPS:-4000}
+DDPM_STEPS=${DDPM_STEPS:-5000}
 export WANDB_SILENT=true
 rm -rf "$OUT"
 step() { printf '\n=== %s ===\n' "$*"; }

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # `make demo-parameterization`: the demo's latent DDPM trained with each output
-# parameterization (eps: the paper's, v, x0) on the same flow, data and step budget, each
-# evaluated at 7+1 and 100+1 NFEs on the demo's test tiles. Needs the flow of `make demo`
-# ($GPSR_DEMO_DIR/flow). Writes $GPSR_DEMO_DIR/parameterization/report.md (about 12 minutes
-# on 2 CPU cores).
+# parameterization on the same flow, data and step budget, each evaluated at 7+1 and 100+1
+# NFEs on the demo's test tiles (1 sample per image, seed 0). Needs `make demo` first: its
+# flow ($GPSR_DEMO_DIR/flow) is shared, and its own DDPM ($GPSR_DEMO_DIR/ddpm, predicting x0)
+# is the x0 row; eps (the paper's) and v are trained here with the same settings. Writes
+# $GPSR_DEMO_DIR/parameterization/report.md (about 20 minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=${GPSR_DEMO_DIR:-demo}
-DDPM_STEPS=${DDPM_STEPS:-3000}
+DDPM_STEPS=${DDPM_STEPS:-5000}
 FLOW="$OUT/flow/checkpoints/last.ckpt"
 export WANDB_SILENT=true
-[ -f "$FLOW" ] || { echo "no demo flow at $FLOW: run 'make demo' first" >&2; exit 1; }
-CKPTS=()
-for p in eps v x0; do
+[ -f "$FLOW" ] && [ -f "$OUT/ddpm/checkpoints/last.ckpt" ] || {
+    echo "no demo flow / DDPM under $OUT: run 'make demo' first" >&2
+    exit 1
+}
+CKPTS=("$OUT/ddpm/checkpoints/last.ckpt")
+for p in eps v; do
     printf '\n=== latent DDPM, prediction=%s (%s steps) ===\n' "$p" "$DDPM_STEPS"
     rm -rf "$OUT/ddpm_$p"
     $PY -m gpsr.train experiment=demo stage=ddpm flow_ckpt="$FLOW" diffusion.prediction="$p" \

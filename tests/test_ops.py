@@ -191,3 +191,9 @@ def test_projection_of_nearly_consistent_samples_barely_changes_psnr():
         return -10 * torch.log10(((a - hr) ** 2).flatten(1).mean(1))
 
     assert ((psnr(xp) - psnr(x)).abs() < 0.5).all()
+
+
+def test_downsample_average_is_the_block_mean():
+    x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    blocks = x.reshape(2, 3, 2, 4, 3, 4).mean(dim=(3, 5))
+    assert torch.allclose(ops.downsample_average(x, 4), blocks, atol=1e-6)

@@ -203,6 +203,20 @@ def test_nonfinite_loss_stops_or_skips():
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_a_diverged_run_stops_after_consecutive_skips():
+    class Diverged(FlowModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:  # the weights blow up: every later loss is NaN
+                with torch.no_grad():
+                    next(iter(self.flow.parameters())).fill_(float("nan"))
+            return super().training_step(batch, batch_idx)
+
+    module = Diverged(scale=8, flow=SMALL_FLOW, nonfinite="skip", max_skipped_steps=3)
+    with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
+        _trainer(20).fit(module, datamodule=_dm())
+    assert module.skipped_steps == 3
+
+
 def test_checkpoint_digest_detects_any_change(tmp_path, flow_ckpt):
     from gpsr.checkpoint import AtomicCheckpointIO, checkpoint_digest
 
@@ -224,6 +238,27 @@ def test_checkpoint_digest_detects_any_change(tmp_path, flow_ckpt):
         torch.save(bad, tmp_path / "bad.ckpt")  # re-saved without re-sealing
         with pytest.raises(CheckpointError, match="failed its integrity check"):
             load_checkpoint(tmp_path / "bad.ckpt")
+    unsealed = load_checkpoint(path)
+    del unsealed["gpsr"]["sha256"]
+    torch.save(unsealed, tmp_path / "unsealed.ckpt")
+    with pytest.raises(CheckpointError, match="has no integrity seal"):
+        load_checkpoint(tmp_path / "unsealed.ckpt")
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    import os
+
+    from gpsr.checkpoint import atomic_save
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"a": torch.zeros(1)}, tmp_path / "x.ckpt")
+        os.umask(0o077)
+        atomic_save({"a": torch.zeros(1)}, tmp_path / "y.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.ckpt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "y.ckpt").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("stage", ["flow", "ddpm"])
@@ -247,3 +282,35 @@ def test_bf16_mixed_precision_and_gradient_accumulation(stage, flow_ckpt):
         # Subnets ran in bf16, but the couplings, log-det and coarse loss stayed float32.
         assert logdet.dtype == coarse.dtype == latent.dtype == torch.float32
         assert terms["coarse"].dtype == torch.float32 and torch.isfinite(terms["loss"])
+
+
+def test_ddpm_step_trains_on_the_normalised_latent_of_the_dequantized_image(flow_ckpt, monkeypatch):
+    """The training step feeds the diffusion `stats.normalise(z)` of the dequantized image and
+    the flow's own coarse output (Algorithm 2), not the raw latent."""
+    from gpsr import ops
+
+    module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
+    hr = _fixed_batch(_dm())
+    module.stats.mean.copy_(torch.linspace(-0.2, 0.2, 9))
+    module.stats.var.copy_(torch.linspace(0.5, 3.0, 9))
+    noise = torch.rand_like(hr) / 127.5
+    monkeypatch.setattr(ops, "dequantize", lambda x: x + noise)
+    seen = {}
+
+    def spy(model, x0, cond, *args, **kwargs):
+        seen["x0"], seen["cond"] = x0, cond
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(module.diffusion, "training_loss", spy)
+    module.log = lambda *a, **k: None
+    module.guard_loss = lambda loss: loss
+    module.training_step({"hr": hr}, 0)
+    with torch.no_grad():
+        c, z, _ = module.flow(hr + noise)
+    assert torch.allclose(
+        seen["x0"],
+        (z - module.stats.mean[None, :, None, None])
+        / (2 * module.stats.var.sqrt()[None, :, None, None]),
+        atol=1e-6,
+    )
+    assert torch.allclose(seen["cond"], c, atol=1e-6)

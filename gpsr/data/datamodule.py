@@ -29,6 +29,7 @@ from gpsr.data.images import (
     read_header,
     too_small_message,
 )
+from gpsr.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def split_indices(
     if not (
         0 <= val_fraction <= 1 and 0 <= test_fraction <= 1 and val_fraction + test_fraction <= 1
     ):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in "
             f"[0, 1] and sum to at most 1"
         )
@@ -161,11 +162,16 @@ class GPSRDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers!r}")
         if source not in ("demo", "folder"):
-            raise ValueError(f"data.source must be 'demo' or 'folder', got {source!r}")
+            raise ConfigError(f"data.source must be 'demo' or 'folder', got {source!r}")
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         if source == "folder" and not (root or train_root or val_root or test_root):
-            raise ValueError(
+            raise ConfigError(
                 "data.root is not set: point it at a folder of images (see README 'Data')"
             )
         self.source, self.root, self.size, self.scale = source, root, size, scale
@@ -235,6 +241,11 @@ class GPSRDataModule(L.LightningDataModule):
         if not self.items:
             self.items = self._build_items()
 
+    def has_split(self, split: str) -> bool:
+        """Whether `split` has any image (e.g. FFHQ training keeps no test split)."""
+        self.setup()
+        return len(self.items.get(split, [])) > 0
+
     def dataset(self, split: str, flip: bool | None = None) -> ImageDataset:
         """The dataset of one split; training flips by default, evaluation never.
 
@@ -243,7 +254,7 @@ class GPSRDataModule(L.LightningDataModule):
         """
         self.setup()
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+            raise ConfigError(f"unknown split {split!r}; use one of {SPLITS}")
         flip = (split == "train") if flip is None else flip
         items = self.items.get(split, [])
         if split == "train" and flip and self.train_patches is not None:
@@ -256,7 +267,7 @@ class GPSRDataModule(L.LightningDataModule):
             }[split]
             if self.source == "demo":
                 hint = f"raise data.demo_{split}"
-            raise ValueError(f"the {split} split is empty: {hint}")
+            raise ConfigError(f"the {split} split is empty: {hint}")
         return ImageDataset(
             items,
             self.size,
@@ -284,7 +295,7 @@ class GPSRDataModule(L.LightningDataModule):
         ds = self.dataset("train")
         world, rank = self._world()
         if len(ds) < self.batch_size * world:
-            raise ValueError(
+            raise ConfigError(
                 f"the train split has {len(ds)} images, fewer than data.batch_size={self.batch_size} "
                 f"x {world} processes; lower data.batch_size"
             )

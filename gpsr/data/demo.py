@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from gpsr.errors import ConfigError
+
 __all__ = ["DEMO_PHOTOS", "DemoSplits", "RandomPatches", "demo_photos", "demo_splits"]
 
 DEMO_PHOTOS = (
@@ -36,7 +38,7 @@ def demo_photos(size: int, zoom: float) -> list[torch.Tensor]:
 
     short = int(round(zoom * size))
     if short < 2 * size:
-        raise ValueError(
+        raise ConfigError(
             f"data.demo_zoom={zoom} leaves photos of {short} px: need at least 2 x data.size="
             f"{size} (a training region beside the held-out strip)"
         )
@@ -95,7 +97,7 @@ def demo_splits(size: int, zoom: float = 4.0, n_val: int = 8, n_test: int = 16) 
     order = [t[j] for j in range(max(len(t) for t in held)) for t in held if j < len(t)]
     test, val = order[0::2], order[1::2]
     if n_test > len(test) or n_val > len(val):
-        raise ValueError(
+        raise ConfigError(
             f"the demo holds out {len(test)} test and {len(val)} validation tiles at "
             f"data.size={size}, data.demo_zoom={zoom}; lower data.demo_test={n_test} / "
             f"data.demo_val={n_val} or raise data.demo_zoom"
@@ -117,7 +119,7 @@ class RandomPatches:
 
     def __init__(self, regions: list[torch.Tensor], size: int, length: int):
         if length < 1:
-            raise ValueError(f"data.demo_count must be at least 1, got {length}")
+            raise ConfigError(f"data.demo_count must be at least 1, got {length}")
         self.regions, self.size, self.length = regions, size, length
 
     def __len__(self) -> int:

@@ -8,8 +8,9 @@ Rules (README "Data"):
 - an image larger than the target is resized (shorter side to the target, antialiased
   bicubic) and centre-cropped; a smaller one is an error naming the file (or skipped with
   `data.skip_small=true`);
-- a file that cannot be decoded (corrupt, truncated, not an image) is an error naming the
-  file (or skipped with a warning with `data.skip_corrupt=true`).
+- a file that cannot be decoded (corrupt, truncated, not an image, or a header claiming
+  more pixels than Pillow's decompression-bomb limit) is an error naming the file (or
+  skipped with a warning with `data.skip_corrupt=true`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
+
+from gpsr.errors import GPSRError, InputNotFoundError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -35,7 +38,7 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ImageFileError(ValueError):
+class ImageFileError(GPSRError, ValueError):
     """An image file that cannot be used; the message names the file and the setting to change."""
 
 
@@ -43,14 +46,14 @@ def find_images(root: str | Path, setting: str = "data.root") -> list[Path]:
     """All image files under `root` (recursive), sorted; clear errors for missing or empty roots."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{setting}={root} does not exist; point {setting} at a folder of images"
         )
     if root.is_file():
         return [root]
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {setting}={root}"
         )
     return files
@@ -61,7 +64,9 @@ def read_header(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageFileError(f"{path}: refused as a decompression bomb ({err})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageFileError(f"{path}: not a readable image ({err})") from err
 
 
@@ -86,6 +91,8 @@ def decode_rgb(path: Path) -> torch.Tensor:
                 arr = np.asarray(img.convert("RGB"))
     except ImageFileError:
         raise
+    except Image.DecompressionBombError as err:
+        raise ImageFileError(f"{path}: refused as a decompression bomb ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageFileError(f"{path}: cannot be decoded ({err})") from err
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()

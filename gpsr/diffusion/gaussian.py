@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gpsr.errors import ConfigError
+
 __all__ = [
     "PREDICTIONS",
     "WEIGHTINGS",
@@ -65,7 +67,7 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
         return linear_betas(T)
     if schedule == "cosine":
         return cosine_betas(T)
-    raise ValueError(f"unknown diffusion.schedule {schedule!r}; use 'linear' or 'cosine'")
+    raise ConfigError(f"unknown diffusion.schedule {schedule!r}; use 'linear' or 'cosine'")
 
 
 def sampling_timesteps(T: int, steps: int, spacing: str = "linspace") -> list[int]:
@@ -75,16 +77,16 @@ def sampling_timesteps(T: int, steps: int, spacing: str = "linspace") -> list[in
     gives 999, 832, 666, 499, 333, 166, 0. "trailing": evenly strided from T-1 down.
     """
     if not 1 <= steps <= T:
-        raise ValueError(f"sampler.steps must be between 1 and {T}, got {steps}")
+        raise ConfigError(f"sampler.steps must be between 1 and {T}, got {steps}")
     if spacing == "linspace":
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).long().tolist()
     elif spacing == "trailing":
         stride = T / steps
         ts = [int(round(T - 1 - i * stride)) for i in range(steps)]
     else:
-        raise ValueError(f"unknown sampler.spacing {spacing!r}; use 'linspace' or 'trailing'")
+        raise ConfigError(f"unknown sampler.spacing {spacing!r}; use 'linspace' or 'trailing'")
     if len(set(ts)) != len(ts):
-        raise ValueError(f"{steps} steps over T={T} repeat a timestep: {ts}")
+        raise ConfigError(f"{steps} steps over T={T} repeat a timestep: {ts}")
     return ts
 
 
@@ -123,11 +125,11 @@ class GaussianDiffusion:
         min_snr_gamma: float = 5.0,
     ):
         if prediction not in PREDICTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown diffusion.prediction {prediction!r}; use one of {', '.join(PREDICTIONS)}"
             )
         if loss_weighting not in WEIGHTINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown diffusion.loss_weighting {loss_weighting!r}; use one of "
                 f"{', '.join(WEIGHTINGS)}"
             )
@@ -311,7 +313,7 @@ class GaussianDiffusion:
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(0.0, 1 - abar_prev - sigma**2)) * eps
         if sigma > 0:
             if noise is None:
-                raise ValueError("ddim_step with eta > 0 needs noise")
+                raise ConfigError("ddim_step with eta > 0 needs noise")
             x = x + sigma * noise
         return x
 

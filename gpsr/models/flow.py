@@ -1,4 +1,4 @@
-"""The degradation flow: a learned bijection x <-> (coarse, latent) (SPEC §3, Algorithm 1).
+"""The degradation flow: a learned bijection x <-> (coarse, latent) (docs/method.md §3, Algorithm 1).
 
 `f` is one Haar level followed by `num_blocks` affine coupling blocks at half resolution.
 Its coarse output is trained to equal `U_k(D_s(x))`, so `D_theta(x) = avgpool_k(coarse)` is a
@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpsr import ops
+from gpsr.errors import ConfigError
 
 __all__ = ["DenseBlock", "CouplingBlock", "DegradationFlow", "soft_clamp"]
 
@@ -34,7 +35,7 @@ class DenseBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, num_convs: int, growth: int):
         super().__init__()
         if num_convs < 1:
-            raise ValueError(f"num_convs must be >= 1, got {num_convs}")
+            raise ConfigError(f"num_convs must be >= 1, got {num_convs}")
         self.hidden = nn.ModuleList(
             nn.Conv2d(c_in + i * growth, growth, 3, padding=1) for i in range(num_convs - 1)
         )
@@ -113,7 +114,7 @@ class DegradationFlow(nn.Module):
     ):
         super().__init__()
         if scale < 2 or scale % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"flow scale must be an even integer >= 2 (k = scale/2 nearest embedding), got {scale}"
             )
         self.scale = int(scale)
@@ -127,7 +128,7 @@ class DegradationFlow(nn.Module):
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(
+            raise ConfigError(
                 f"DegradationFlow expects (N, {self.channels}, H, W) images, got {tuple(x.shape)}"
             )
         ops.check_divisible(x.shape[-2], x.shape[-1], self.scale)
@@ -155,7 +156,7 @@ class DegradationFlow(nn.Module):
             3 * coarse.shape[1],
             *coarse.shape[2:],
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"inverse: coarse {tuple(coarse.shape)} and latent {tuple(latent.shape)} must be "
                 f"(N, C, h, w) and (N, 3C, h, w)"
             )

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from gpsr.errors import ConfigError
+
 __all__ = ["UNet", "timestep_embedding"]
 
 
@@ -94,7 +96,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention channels {channels} not divisible by {num_heads} heads")
+            raise ConfigError(f"attention channels {channels} not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
@@ -211,7 +213,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         div = 2 ** (self.levels - 1)
         if x.shape[-1] % div or x.shape[-2] % div:
-            raise ValueError(f"UNet input {tuple(x.shape)}: H and W must be divisible by {div}")
+            raise ConfigError(f"UNet input {tuple(x.shape)}: H and W must be divisible by {div}")
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         hs = []
         h = x

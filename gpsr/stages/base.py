@@ -11,6 +11,7 @@ import lightning as L
 import torch
 
 from gpsr.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint, upgrade_checkpoint
+from gpsr.errors import ConfigError, GPSRError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def plain(obj: Any) -> Any:
     return obj
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(GPSRError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
@@ -44,6 +45,8 @@ class StageModule(L.LightningModule):
         grad_clip: gradient-norm clip (0 or None disables).
         nonfinite: "raise" stops the run on a NaN / inf loss (the last good checkpoint is
             kept); "skip" skips that step on every process.
+        max_skipped_steps: with "skip", the run stops after this many consecutive skipped
+            steps (a diverged run is not a run).
         speed: {checkpointing, channels_last, compile, tf32} (see gpsr.speed); "auto" means
             on for CUDA only.
     """
@@ -57,16 +60,21 @@ class StageModule(L.LightningModule):
         grad_clip: float | None = None,
         nonfinite: str = "raise",
         speed: dict[str, Any] | None = None,
+        max_skipped_steps: int = 10,
     ):
         super().__init__()
         self.speed = dict(speed or {})
         if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"stage.module.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+            raise ConfigError(
+                f"stage.module.nonfinite must be 'raise' or 'skip', got {nonfinite!r}"
+            )
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
         self.scheduler_factory = scheduler
         self.grad_clip = grad_clip
         self.nonfinite = nonfinite
+        self.max_skipped_steps = int(max_skipped_steps)
         self.skipped_steps = 0
+        self.consecutive_skips = 0
 
     def setup(self, stage: str) -> None:
         from gpsr.speed import resolve_auto, set_tf32
@@ -108,14 +116,23 @@ class StageModule(L.LightningModule):
         finite = bool(torch.isfinite(loss.detach()).item())
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
+            self.consecutive_skips = 0
             return loss
         step = self.global_step
         if self.nonfinite == "skip":
             self.skipped_steps += 1
+            self.consecutive_skips += 1
             log.warning(
                 "non-finite loss at step %d: step skipped (%d so far)", step, self.skipped_steps
             )
-            return None
+            if self.consecutive_skips < self.max_skipped_steps:
+                return None
+            raise NonFiniteLossError(
+                f"the {self.stage} loss was not finite for {self.consecutive_skips} steps in a "
+                f"row (up to step {step}): the run has diverged and stops here, keeping its "
+                f"last good checkpoint (lower the learning rate, or raise "
+                f"stage.module.max_skipped_steps)"
+            )
         raise NonFiniteLossError(
             f"the {self.stage} loss became {loss.item()} at step {step}; the run stops here and "
             f"its last good checkpoint is kept (lower the learning rate, or set "
@@ -129,10 +146,9 @@ class StageModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming from a checkpoint of the other stage or scale would load silently (the
         # flow's weights have the same shapes at every scale): refuse it here.
-        check_gpsr_checkpoint(
-            checkpoint, "ckpt_path", stage=self.stage, scale=int(self.hparams["scale"])
-        )
-        upgrade_checkpoint(checkpoint, "ckpt_path")
+        path = (self._trainer.ckpt_path if self._trainer is not None else None) or "ckpt_path"
+        check_gpsr_checkpoint(checkpoint, path, stage=self.stage, scale=int(self.hparams["scale"]))
+        upgrade_checkpoint(checkpoint, path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # AtomicCheckpointIO seals this with a digest of the whole checkpoint.

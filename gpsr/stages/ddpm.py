@@ -12,6 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 from gpsr import ops
 from gpsr.callbacks import panel_rows
 from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
+from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.sampling import IndexNoise, LatentStats, super_resolve, timestep_diagnostic
@@ -66,7 +67,7 @@ class LatentDiffusionModule(StageModule):
         ema_decay, ema_warmup: EMA of the UNet weights (torch.optim.swa_utils.AveragedModel).
         val_steps, val_eta, val_seed: sampler used for validation (with the EMA weights).
         panel_samples: samples per image for the uncertainty (std) row of the image panel.
-        optimizer, scheduler, grad_clip, nonfinite: see StageModule.
+        optimizer, scheduler, grad_clip, nonfinite, max_skipped_steps: see StageModule.
     """
 
     stage = "ddpm"
@@ -88,18 +89,19 @@ class LatentDiffusionModule(StageModule):
         scheduler=None,
         grad_clip: float | None = 1.0,
         nonfinite: str = "raise",
+        max_skipped_steps: int = 10,
         flow: dict[str, Any] | None = None,
         speed: dict[str, Any] | None = None,
         init_ckpt: str | None = None,
     ):
-        super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed)
+        super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed, max_skipped_steps)
         init_state = None
         if init_ckpt:  # fine-tuning: every weight and setting from a DDPM checkpoint
             init_state, init_hp = _ddpm_checkpoint(init_ckpt, scale)
             flow, unet, diffusion = init_hp["flow"], init_hp["unet"], init_hp.get("diffusion")
         if flow is None:  # training: read the trained flow
             if not flow_ckpt:
-                raise ValueError(
+                raise ConfigError(
                     "stage=ddpm needs a trained flow: set flow_ckpt=<path to a flow-stage .ckpt>"
                 )
             self.flow, flow_hp = flow_from_checkpoint(flow_ckpt, scale)
@@ -111,7 +113,7 @@ class LatentDiffusionModule(StageModule):
         unet, diffusion = plain(dict(unet or {})), plain(dict(diffusion or {}))
         c = self.flow.channels
         if unet.get("in_channels", 4 * c) != 4 * c or unet.get("out_channels", 3 * c) != 3 * c:
-            raise ValueError(
+            raise ConfigError(
                 f"model.unet.in_channels / out_channels must be {4 * c} / {3 * c} for {c}-channel "
                 f"images (latent {3 * c} + coarse {c}), got {unet.get('in_channels')} / "
                 f"{unet.get('out_channels')}"

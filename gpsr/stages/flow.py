@@ -21,26 +21,31 @@ __all__ = ["FlowModule", "flow_loss_terms"]
 def flow_loss_terms(
     flow: DegradationFlow, x: torch.Tensor, sigma: float
 ) -> dict[str, torch.Tensor]:
-    """SPEC §3 loss of dequantized images x (N, C, H, W) in [-1, 1]: scalars, batch means.
+    """docs/method.md §3 loss of dequantized images x (N, C, H, W) in [-1, 1]: scalars, batch means.
 
     loss = ||c - U_k(D_s(x))||^2 / (2 sigma^2) + ||z||^2 / 2 - logdet, sums over elements.
-    Also returns the parts ("coarse", "latent", "logdet") and bits per dimension of the
-    relaxed likelihood (Gaussian constants and the 8-bit bin width included).
+    Also returns the parts ("coarse", "latent", "logdet": the couplings' log-det) and the
+    bits per dimension of the relaxed likelihood of x, with every constant included: the
+    Gaussian normalisers, the Haar transform's log-det (`ops.haar_logdet`, -1 bit/dim) and
+    the 8-bit bin width. The loss leaves the constants out (they have no gradient).
     """
     coarse, latent, logdet = flow(x)
     target = ops.upsample_nearest(ops.degrade(x, flow.scale), flow.k)
-    coarse_sq = ((coarse.float() - target.float()) ** 2).flatten(1).sum(1)
-    latent_sq = (latent.float() ** 2).flatten(1).sum(1)
+    dt = torch.promote_types(coarse.dtype, torch.float32)  # bf16 autocast: losses in fp32
+    coarse_sq = ((coarse.to(dt) - target.to(dt)) ** 2).flatten(1).sum(1)
+    latent_sq = (latent.to(dt) ** 2).flatten(1).sum(1)
     coarse_term = coarse_sq / (2 * sigma**2)
     latent_term = latent_sq / 2
     loss = coarse_term + latent_term - logdet
     dims_c, dims_z = coarse[0].numel(), latent[0].numel()
     dims = x[0].numel()
-    # -log p with the Gaussian normalisers, plus the 8-bit bin volume in [-1, 1] units.
+    # -log p(x): the Gaussian normalisers and the Haar log-det, then (below) the 8-bit bin
+    # volume in [-1, 1] units.
     nll = (
         loss
         + 0.5 * dims_z * math.log(2 * math.pi)
         + 0.5 * dims_c * math.log(2 * math.pi * sigma**2)
+        - ops.haar_logdet(x)
     )
     bpd = (nll / dims + math.log(127.5)) / math.log(2)
     return {
@@ -60,7 +65,7 @@ class FlowModule(StageModule):
         flow: DegradationFlow settings (num_blocks, num_convs, growth, clamp, channels).
         sigma: width of the relaxed Dirac (one 8-bit level, 1/127.5).
         val_seed: seed of the flow-only validation samples (per image index).
-        optimizer, scheduler, grad_clip, nonfinite: see StageModule.
+        optimizer, scheduler, grad_clip, nonfinite, max_skipped_steps: see StageModule.
     """
 
     stage = "flow"
@@ -75,9 +80,10 @@ class FlowModule(StageModule):
         scheduler=None,
         grad_clip: float | None = 10.0,
         nonfinite: str = "raise",
+        max_skipped_steps: int = 10,
         speed: dict[str, Any] | None = None,
     ):
-        super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed)
+        super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed, max_skipped_steps)
         flow = plain(dict(flow or {}))
         self.save_hyperparameters(
             {"scale": scale, "flow": flow, "sigma": sigma, "val_seed": val_seed}

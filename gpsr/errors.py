@@ -1,0 +1,27 @@
+"""The errors gpsr raises for a user's settings, inputs and files.
+
+The entry points print any `GPSRError` as one line (exit status 1) and let every other
+exception through with its traceback: a bug, or a failure inside torch or PIL, is never
+shortened. Each class is also the matching built-in type, so `except ValueError` and the
+like keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["GPSRError", "ConfigError", "InputNotFoundError", "OutputError"]
+
+
+class GPSRError(Exception):
+    """A problem with what the user gave gpsr; the message names the setting or the file."""
+
+
+class ConfigError(GPSRError, ValueError):
+    """A setting that gpsr cannot use."""
+
+
+class InputNotFoundError(GPSRError, FileNotFoundError):
+    """A file or folder named in the settings does not exist."""
+
+
+class OutputError(GPSRError, PermissionError):
+    """An output place that cannot be written (not writable, disk full, a file in the way)."""

@@ -1,0 +1,323 @@
+"""Reliability: no user file is ever overwritten, resume takes the newest good checkpoint,
+logs continue, and every bad input or setting is one line naming it."""
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from gpsr.checkpoint import atomic_save, checkpoint_digest, find_last_checkpoint
+from gpsr.errors import ConfigError, GPSRError, OutputError
+from tests.conftest import compose_cfg, run_cli
+
+
+def _png(path: Path, size=(4, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(path)
+
+
+def _bomb(path: Path, side: int = 60000):
+    """A PNG whose header claims side x side pixels (no pixel data is needed to open it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _sample_cfg(**kw):
+    base = {
+        "ckpt": "/nonexistent/model.ckpt",  # planning must fail before the model loads
+        "input": None,
+        "output": None,
+        "steps": 2,
+        "eta": 1.0,
+        "samples": 1,
+        "project": False,
+        "save_float": False,
+        "overwrite": False,
+        "seed": 0,
+        "device": "cpu",
+        "ema": True,
+    }
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+# ------------------------------------------------------------------ gpsr.sample: no data loss
+def test_sample_never_overwrites_collides_or_reads_its_own_output(tmp_path):
+    from gpsr.sample import check_plan, plan_outputs, sample_images
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("cat.png", "cat.jpg", "dog.png"):
+        _png(d / name)
+    _png(d / "dog_sr.png", seed=9)
+    before = (d / "dog_sr.png").read_bytes()
+    # Same folder: dog.png's output is the user's dog_sr.png -> refused before loading.
+    with pytest.raises(ConfigError, match="dog_sr.png already exists.*overwrite=true"):
+        sample_images(_sample_cfg(input=str(d), output=str(d)))
+    # Even with overwrite=true an input is never replaced by an output.
+    with pytest.raises(ConfigError, match="dog_sr.png of .*dog.png is itself an input"):
+        sample_images(_sample_cfg(input=str(d), output=str(d), overwrite=True))
+    assert (d / "dog_sr.png").read_bytes() == before
+    # cat.png and cat.jpg get distinct names; nothing collides.
+    plan = plan_outputs(sorted(d.iterdir()), tmp_path / "out", samples=2, save_float=True)
+    names = [o.name for outs in plan.values() for o in outs]
+    assert len(names) == len(set(names))
+    assert "cat_png_sr0.png" in names and "cat_jpg_sr1.npy" in names and "dog_std.png" in names
+    check_plan(plan, overwrite=False)  # a fresh folder: fine
+    (tmp_path / "out").mkdir()
+    _png(tmp_path / "out" / "cat_jpg_sr1.png")
+    with pytest.raises(ConfigError, match="cat_jpg_sr1.png already exists"):
+        check_plan(plan, overwrite=False)
+    check_plan(plan, overwrite=True)
+
+
+def test_sample_checks_the_output_before_loading(tmp_path):
+    from gpsr.sample import sample_images
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        sample_images(_sample_cfg(input=str(tmp_path / "a.png"), output=str(tmp_path / "file")))
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="not writable"):
+            sample_images(_sample_cfg(input=str(tmp_path / "a.png"), output=str(ro / "x")))
+
+
+@pytest.mark.slow
+def test_sample_folder_goes_on_past_bad_files(tmp_path, ddpm_ckpt):
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    _png(lr / "good.png", size=(4, 4))
+    _png(lr / "tiny.png", size=(1, 1))
+    _bomb(lr / "bomb.png")
+    proc = run_cli(
+        "sample",
+        f"ckpt={ddpm_ckpt}",
+        f"input={lr}",
+        f"output={tmp_path / 'sr'}",
+        "steps=2",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("skipped:")]
+    assert len(err) == 2
+    assert any("tiny.png is 1x1" in line and "at least 2x2" in line for line in err)
+    assert any("bomb.png" in line and "decompression bomb" in line for line in err)
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "sr" / "good_sr.png").is_file()
+
+
+# ------------------------------------------------------------------ data: decompression bomb
+def test_decompression_bomb_is_one_line_or_skipped(tmp_path, caplog):
+    from gpsr.data import GPSRDataModule, ImageFileError
+
+    for i in range(3):
+        _png(tmp_path / f"ok{i}.png", size=(40, 40), seed=i)
+    _bomb(tmp_path / "bomb.png")
+    with pytest.raises(ImageFileError, match="bomb.png: refused as a decompression bomb"):
+        GPSRDataModule(source="folder", root=str(tmp_path), size=32, scale=4).setup()
+    dm = GPSRDataModule(
+        source="folder",
+        root=str(tmp_path),
+        size=32,
+        scale=4,
+        skip_corrupt=True,
+        val_fraction=0,
+        test_fraction=0,
+        batch_size=1,
+    )
+    assert len(dm.dataset("train")) == 3 and "bomb.png" in caplog.text
+
+
+# ------------------------------------------------------------------ resume
+def _sealed(path: Path, step: int):
+    ckpt = {"gpsr": {"stage": "flow", "scale": 8, "version": 2}, "global_step": step}
+    ckpt["gpsr"]["sha256"] = checkpoint_digest(ckpt)
+    atomic_save(ckpt, path)
+
+
+def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    _sealed(folder / "step0000100.ckpt", 100)
+    _sealed(folder / "last.ckpt", 100)
+    _sealed(folder / "step0000150.ckpt", 150)  # then kill -9 while last.ckpt was rewritten:
+    (folder / ".last.ckpt.abc123.tmp").write_bytes(b"")
+    t = 1_700_000_000
+    for name, age in (("step0000100.ckpt", 0), ("last.ckpt", 1), ("step0000150.ckpt", 2)):
+        os.utime(folder / name, (t + age, t + age))
+    assert find_last_checkpoint(tmp_path) == folder / "step0000150.ckpt"
+    assert not list(folder.glob("*.tmp"))  # leftovers of the killed save are gone
+    # A damaged newest file is passed over.
+    (folder / "step0000200.ckpt").write_bytes(b"truncated")
+    os.utime(folder / "step0000200.ckpt", (t + 3, t + 3))
+    assert find_last_checkpoint(tmp_path) == folder / "step0000150.ckpt"
+    assert find_last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_csv_history_continues_after_resume(tmp_path):
+    import csv
+
+    from gpsr.loggers import ResumableCSVLogger
+
+    first = ResumableCSVLogger(str(tmp_path), name="csv", version="")
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.save()
+    second = ResumableCSVLogger(str(tmp_path), name="csv", version="")
+    second.log_metrics({"train/loss": 0.5, "val/psnr": 20.0}, step=10)
+    second.save()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["0", "10"]
+    assert rows[0]["train/loss"] == "1.0" and rows[1]["val/psnr"] == "20.0"
+
+
+# ------------------------------------------------------------------ errors: by type, not path
+def test_errors_are_classified_by_type_not_by_path(tmp_path, monkeypatch, capsys):
+    from gpsr.cli import report_errors
+
+    fake = tmp_path / "clone" / "gpsr" / ".venv" / "site-packages"
+    fake.mkdir(parents=True)
+    (fake / "thirdparty.py").write_text("def boom():\n    raise ValueError('deep inside torch')\n")
+    monkeypatch.syspath_prepend(str(fake))
+    import thirdparty
+
+    @report_errors
+    def entry(kind):
+        if kind == "ours":
+            raise ConfigError("data.batch_size must be a positive integer, got -1")
+        if kind == "wrapped":
+            try:
+                raise ConfigError("data.size=31 is not a multiple of scale=8")
+            except ConfigError as err:
+                raise RuntimeError("hydra wrapped it") from err
+        thirdparty.boom()
+
+    for kind, line in (("ours", "data.batch_size"), ("wrapped", "data.size=31")):
+        with pytest.raises(SystemExit) as exit_info:
+            entry(kind)
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.strip() == f"gpsr: error: {line}" + (
+            " must be a positive integer, got -1"
+            if kind == "ours"
+            else " is not a multiple of scale=8"
+        )
+    with pytest.raises(ValueError, match="deep inside torch"):  # a traceback, not one line
+        entry("theirs")
+    assert issubclass(ConfigError, ValueError) and issubclass(OutputError, GPSRError)
+
+
+def test_bad_batch_sizes_name_the_setting():
+    from gpsr.data import GPSRDataModule
+
+    for kw, name in (
+        ({"batch_size": -1}, "data.batch_size"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size"),
+        ({"num_workers": -2}, "data.num_workers"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            GPSRDataModule(size=32, scale=4, **kw)
+
+
+# ------------------------------------------------------------------ the paper's configs
+def test_paper_ddpm_keeps_bf16_and_its_global_batch_under_ddp_and_slurm():
+    for extra, per_device in (
+        (["trainer=ddp", "trainer.devices=8"], 32),
+        (["trainer=slurm", "trainer.devices=8", "trainer.num_nodes=2"], 16),
+        (["trainer.accumulate_grad_batches=4"], 64),
+    ):
+        cfg = compose_cfg(["experiment=ffhq128_8x_ddpm", *extra], output_dir="/tmp/x")
+        assert cfg.trainer.precision == "bf16-mixed"
+        assert cfg.data.batch_size == per_device
+        world = cfg.trainer.devices * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches
+        assert cfg.data.batch_size * world == cfg.global_batch_size == 256
+    cfg = compose_cfg(
+        ["experiment=ffhq128_8x_flow", "trainer=ddp", "trainer.devices=2"], output_dir="/tmp/x"
+    )
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.batch_size == 8
+    cfg = compose_cfg(
+        ["experiment=ffhq128_8x_ddpm", "trainer=ddp", "trainer.devices=3"], output_dir="/tmp/x"
+    )
+    with pytest.raises(Exception) as info:
+        _ = cfg.data.batch_size
+    assert "does not split evenly over 3 device(s)" in str(info.value)
+
+
+@pytest.mark.slow
+def test_paper_flow_experiment_without_test_split_exits_cleanly(tmp_path):
+    data = tmp_path / "ffhq"
+    data.mkdir()
+    for i in range(6):
+        _png(data / f"{i}.png", size=(40, 40), seed=i)
+    proc = run_cli(
+        "train",
+        "experiment=ffhq128_8x_flow",
+        f"data.root={data}",
+        "data.size=32",
+        "data.val_fraction=0.34",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "data.cache=false",
+        "model/flow=small",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "global_batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "stage.module.speed.compile=false",
+        "stage.module.speed.checkpointing=false",
+        "stage.module.speed.channels_last=false",
+        "stage.module.speed.tf32=false",
+        "stage.module.optimizer.fused=false",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert "no test split" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------ evaluation corner cases
+@pytest.mark.slow
+def test_evaluate_projects_flow_samples_when_steps_is_zero(tmp_path, ddpm_ckpt, flow_ckpt):
+    import json
+
+    run_cli(
+        "evaluate",
+        f"ckpt={ddpm_ckpt}",
+        "sampler.project=true",
+        "sampler.steps=0",
+        "baselines=[bicubic]",
+        "data.demo_test=2",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+    )
+    methods = json.loads((tmp_path / "e" / "metrics.json").read_text())["methods"]
+    assert set(methods) == {"bicubic", "flow", "flow_projected"}
+    proc = run_cli(
+        "train",
+        "stage=ddpm",
+        f"flow_ckpt={flow_ckpt}",
+        f"ckpt_path={flow_ckpt}",
+        "logger=none",
+        "trainer.max_steps=1",
+        f"hydra.run.dir={tmp_path / 't'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and f"checkpoint {flow_ckpt} is a 'flow' checkpoint" in proc.stderr
