@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## The whole suite CI runs: fast tests plus the slow ones (DDP, resume, sweeps, CLI).
+## The whole suite CI runs: lint, then fast tests plus the slow ones (DDP, resume, sweeps, CLI).
 test: install
+	.venv/bin/ruff check gpsr tests
+	.venv/bin/ruff format --check gpsr tests
 	$(PY) -m pytest -q tests
 
 ## Fast iteration: everything but the tests marked slow.

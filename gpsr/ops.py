@@ -176,6 +176,7 @@ def project_consistent_box(
     high: float = 1.0,
     tol: float = 1e-13,
     max_iter: int = 300,
+    clamped_weight: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
@@ -183,8 +184,13 @@ def project_consistent_box(
     `x' = clamp(x + D_s^T lam)` with `D_s x' = y`; lam maximises the concave dual
     `q(lam) = ||x' - x||^2 / 2 + <lam, y - D_s x'>` by a semi-smooth Newton method with Armijo
     backtracking, whose linear systems `D M D^T` (M: unclamped pixels) are solved by conjugate
-    gradients on the separable operator. Every iterate lies in the box; an image stops once
-    its consistency `mean((D_s(x') - y)^2)` is at most `tol`. Computed in float64.
+    gradients on the separable operator. When every pixel under some LR pixel is clamped
+    (saturated images) that exact generalised Hessian is singular and Newton stalls; an
+    image whose line search had to backtrack therefore gives its clamped pixels the small
+    weight `clamped_weight` instead of 0 (regular system, clamped pixels can come back), and
+    the weight shrinks tenfold after every full step, so well-behaved images keep Newton's
+    quadratic convergence. Every iterate lies in the box; an image stops once its
+    consistency `mean((D_s(x') - y)^2)` is at most `tol`. Computed in float64.
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units, y reachable inside the box ->
     (x' (N, C, H, W) in [low, high], Newton iterations per image (N,) long).
     """
@@ -208,13 +214,16 @@ def project_consistent_box(
     lam = torch.zeros_like(y64)
     z, xp, r, q, err = state(lam)
     iters = torch.zeros(n, dtype=torch.long)
+    weight = torch.zeros(n, 1, 1, 1, dtype=torch.float64, device=x.device)
     for _ in range(max_iter):
         active = err > tol
         if not bool(active.any()):
             break
         iters[active.cpu()] += 1
-        # Pixels on a bound count as free: a valid element of the generalised Jacobian.
-        mask = ((z >= low) & (z <= high)).double()
+        # Pixels on a bound count as free (a valid element of the generalised Jacobian);
+        # clamped ones keep a small weight (see the docstring).
+        free = ((z >= low) & (z <= high)).double()
+        mask = free + (1.0 - free) * weight
 
         def normal_op(v: torch.Tensor, m: torch.Tensor = mask) -> torch.Tensor:
             return ah @ (m * lift(v)) @ aw.T + ridge * v
@@ -235,6 +244,8 @@ def project_consistent_box(
             if bool(done.all()):
                 break
             step = torch.where(done, step, step * 0.5)
+        full = (step == 1.0)[:, None, None, None]
+        weight = torch.where(full, weight * 0.1, torch.full_like(weight, clamped_weight))
         z, xp, r, q, err = state(lam)
     return xp.to(x.dtype), iters
 

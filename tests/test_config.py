@@ -4,6 +4,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -55,21 +56,45 @@ def test_core_group_combinations_compose(tmp_path, stage, data, trainer, logger)
 
 
 @pytest.mark.parametrize("group", ["model/flow", "model/unet", "callbacks", "experiment", "debug"])
-def test_remaining_groups_compose(tmp_path, group):
+def test_remaining_groups_build_what_they_describe(tmp_path, group):
+    """Each option composes and what it configures works: the flow inverts, the UNet maps its
+    input to its output shape, callbacks instantiate, experiments and debug set their stage."""
+    from gpsr.models.flow import DegradationFlow
+
     for option in _options(group):
         cfg = compose_cfg([f"{group}={option}"], output_dir=tmp_path)
         if cfg.data.source == "folder":
             cfg.data.root = "/some/images"
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        if group == "model/flow" and option == "small":
+            flow = DegradationFlow(scale=cfg.scale, **cfg.model.flow).double()
+            x = torch.rand(1, 3, 16, 16, dtype=torch.float64) * 2 - 1
+            assert torch.allclose(flow.inverse(*flow(x)[:2]), x, atol=1e-10)
+        elif group == "model/unet" and option == "small":
+            u = cfg.model.unet
+            net = UNet(**u)
+            out = net(torch.zeros(1, u.in_channels, u.image_size, u.image_size), torch.zeros(1))
+            assert out.shape == (1, u.out_channels, u.image_size, u.image_size)
+        elif group == "callbacks":
+            wanted = [c for c in (cfg.callbacks or {}).values() if c is not None]
+            assert len([instantiate(c) for c in wanted]) == len(wanted)
+        elif group == "experiment" and option.startswith("ffhq128_8x_"):
+            assert cfg.stage.name == option.rsplit("_", 1)[-1] and cfg.scale == 8
+        elif group == "debug":
+            assert cfg.trainer.max_steps <= 10
 
 
-@pytest.mark.parametrize(
-    "name,extra",
-    [("evaluate", ["ckpt=x.ckpt"]), ("sample", ["ckpt=x.ckpt", "input=in"]), ("benchmark", [])],
-)
-def test_other_entry_points_compose(tmp_path, name, extra):
-    cfg = compose_cfg(extra, name=name, output_dir=tmp_path)
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+def test_other_entry_points_compose_with_their_defaults(tmp_path):
+    ev = compose_cfg(["ckpt=x.ckpt"], name="evaluate", output_dir=tmp_path)
+    OmegaConf.to_container(ev, resolve=True, throw_on_missing=True)
+    assert ev.sampler.steps == 7 and ev.sampler.eta == 1.0 and ev.split == "test"
+    assert set(ev.baselines) == {"bicubic", "pseudoinverse", "flow"}
+    sa = compose_cfg(["ckpt=x.ckpt", "input=in"], name="sample", output_dir=tmp_path)
+    OmegaConf.to_container(sa, resolve=True, throw_on_missing=True)
+    assert sa.overwrite is False and sa.output.startswith(str(tmp_path))
+    be = compose_cfg([], name="benchmark", output_dir=tmp_path)
+    OmegaConf.to_container(be, resolve=True, throw_on_missing=True)
+    assert list(be.batches.ddpm_train) == [64, 256] and list(be.batches.sample_7) == [64]
 
 
 def test_paper_parameter_counts_through_hydra(tmp_path):

@@ -3,10 +3,12 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -97,6 +99,16 @@ def test_ddpm_resume_restores_ema(tmp_path, flow_ckpt):
     first = load_checkpoint(tmp_path / "a" / "s3.ckpt")["state_dict"]
     assert int(first["ema.n_averaged"]) == 3
     module = make()
+    fresh_ema = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
+    seen = {}
+    real_update = module.ema.update_parameters
+
+    def update_and_record(model):
+        if "first" not in seen:  # the EMA as the resumed run found it, before its 1st update
+            seen["first"] = {k: v.clone() for k, v in module.ema.module.state_dict().items()}
+        real_update(model)
+
+    module.ema.update_parameters = update_and_record
     _fit(
         module,
         GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64),
@@ -105,6 +117,10 @@ def test_ddpm_resume_restores_ema(tmp_path, flow_ckpt):
         ckpt_path=str(tmp_path / "a" / "s3.ckpt"),
     )
     assert int(module.ema.n_averaged) == 6
+    # The resumed run started from the checkpoint's EMA weights, not from a fresh copy.
+    for k, v in seen["first"].items():
+        assert torch.equal(v, first[f"ema.module.{k}"]), k
+    assert any(not torch.equal(seen["first"][k], fresh_ema[k]) for k in fresh_ema)
     final = load_checkpoint(tmp_path / "a" / "last.ckpt")["state_dict"]
     for k in final:
         if k.startswith("stats."):
@@ -155,12 +171,15 @@ def test_sigkill_then_resume_auto(tmp_path):
     # save behind the newest step file, never ahead of it.
     assert max(steps.values()) >= 12 and last_step >= 9 and last_step % 3 == 0
     assert last_step in (max(steps.values()), max(steps.values()) - 3)
-    target = last_step + 6
+    newest = max(steps.values())
+    target = newest + 6
     run_cli("train", *args, "ckpt_path=auto", f"trainer.max_steps={target}", cwd=tmp_path)
     final = load_checkpoint(ckpts / "last.ckpt")
     assert final["global_step"] == target
     log = (run_dir / "train.log").read_text()
-    assert "resume=auto" in log and "last.ckpt" in log
+    resumed_from = re.search(r"resume=auto: (\S+\.ckpt)", log).group(1)
+    assert steps[Path(resumed_from).name] == newest  # the newest good one, even if last lags
+    assert not list(ckpts.glob("*-v1.ckpt"))  # no step was redone
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "train/loss" in metrics
 

@@ -188,11 +188,11 @@ class LatentDiffusionModule(StageModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         return loss
 
-    def on_before_zero_grad(self, optimizer) -> None:
-        # Called once per optimiser step (after step, before zero_grad), so gradient
-        # accumulation does not update the EMA more often than the weights change.
-        if self.trainer.training:
-            self.ema.update_parameters(self.unet)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Lightning calls this once per optimiser step (after gradient accumulation); the EMA
+        # averages the weights that step produced.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(self.unet)
 
     # ------------------------------------------------------------------ sampling
     def sample(
