@@ -27,14 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpsr import ops
-from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.diffusion import GaussianDiffusion
-from gpsr.evaluate import pick_device
-from gpsr.models.flow import DegradationFlow
+from gpsr.models.flow import DegradationFlow, flow_loss_terms
 from gpsr.models.unet import UNet
-from gpsr.sampling import LatentStats, super_resolve
-from gpsr.speed import apply_speedups, set_tf32
-from gpsr.stages.flow import flow_loss_terms
+from gpsr.pipeline import LatentStats, super_resolve_signed
+from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.utils.device import pick_device, synchronize
+from gpsr.utils.speed import apply_speedups, set_tf32
 
 log = logging.getLogger("gpsr.benchmark")
 
@@ -86,7 +85,7 @@ class Setup:
     # -- the measured operations -------------------------------------------------------
     def flow_train(self, x: torch.Tensor) -> None:
         with self.autocast:
-            loss = flow_loss_terms(self.flow, ops.dequantize(x), 1 / 127.5)["loss"]
+            loss = flow_loss_terms(self.flow, ops.dequantize(x), ops.QUANT_STEP)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.flow.parameters(), 10.0)
         self.flow_opt.step()
@@ -115,19 +114,14 @@ class Setup:
     def sample(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         lr = ops.degrade(x, self.flow.scale)
         with self.autocast:
-            return super_resolve(self.flow, lr, steps, self.unet, self.diffusion, self.stats)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            return super_resolve_signed(self.flow, lr, steps, self.unet, self.diffusion, self.stats)
 
 
 def _time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds of `fn` after warm-up (CUDA events on GPU, perf_counter on CPU)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":

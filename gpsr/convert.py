@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from gpsr.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_digest
 from gpsr.diffusion import GaussianDiffusion
-from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
+from gpsr.utils.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_digest
+from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.convert")
 

@@ -25,30 +25,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
-from gpsr.callbacks import panel_rows, to_uint8_grid
-from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.diffusion import diagnostic_timesteps
-from gpsr.errors import ConfigError
 from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
-from gpsr.sampling import timestep_diagnostic
+from gpsr.panels import panel_rows, to_uint8_grid
+from gpsr.pipeline import timestep_diagnostic
+from gpsr.projection import project_consistent_box
+from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.utils.device import pick_device, synchronize
+from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.evaluate")
 
 __all__ = ["evaluate", "markdown_table", "main"]
 
 Method = Callable[[torch.Tensor, list[int]], torch.Tensor]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]:
@@ -75,6 +66,7 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
                 samples=sampler.samples,
                 seed=cfg.seed,
                 indices=idx,
+                spacing=sampler.spacing,
             ),
             f"{sampler.steps}+1",
         )
@@ -152,10 +144,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             diag = part if diag is None else {k: diag[k] + part[k] for k in part}
         outputs = {}
         for name, (fn, _) in methods.items():
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = fn(lr, idx)
-            _sync(device)
+            synchronize(device)
             seconds[name] += time.perf_counter() - t0
             outputs[name] = out
         if proj_base:
@@ -163,8 +155,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             flat = out.flatten(0, 1) if out.dim() == 5 else out
             lr_rep = lr.repeat_interleave(out.shape[1], 0) if out.dim() == 5 else lr
             t0 = time.perf_counter()
-            proj, iters = ops.project_consistent_box(flat, lr_rep, model.scale)
-            _sync(device)
+            proj, iters = project_consistent_box(flat, lr_rep, model.scale)
+            synchronize(device)
             seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
             proj_iters.append(iters)
             outputs[f"{proj_base}_projected"] = proj.reshape(out.shape)
@@ -220,7 +212,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if its is not None:
         note = (
             f"\nProjection onto the consistent images inside [0, 1] (semi-smooth Newton, "
-            f"gpsr.ops.project_consistent_box) took {its.mean().item():.1f} iterations per image "
+            f"gpsr.projection.project_consistent_box) took {its.mean().item():.1f} iterations per image "
             f"on average (at most {int(its.max())}).\n"
         )
     if diag is not None:

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from gpsr import ops
-from gpsr.checkpoint import (
+from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.flow import DegradationFlow
+from gpsr.models.unet import UNet
+from gpsr.pipeline import IndexNoise, LatentStats, super_resolve_signed
+from gpsr.projection import project_consistent_box
+from gpsr.utils.checkpoint import (
     CheckpointError,
     check_gpsr_checkpoint,
     load_checkpoint,
     upgrade_checkpoint,
 )
-from gpsr.diffusion import GaussianDiffusion
-from gpsr.errors import ConfigError
-from gpsr.models.flow import DegradationFlow
-from gpsr.models.unet import UNet
-from gpsr.sampling import IndexNoise, LatentStats, super_resolve
+from gpsr.utils.errors import ConfigError
 
 __all__ = ["GPSR"]
 
@@ -42,14 +42,12 @@ class GPSR(nn.Module):
         unet: nn.Module | None = None,
         diffusion: GaussianDiffusion | None = None,
         stats: LatentStats | None = None,
-        config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.flow = flow.eval()
         self.unet = unet.eval() if unet is not None else None
         self.diffusion = diffusion
         self.stats = stats
-        self.config = dict(config or {})
 
     @property
     def scale(self) -> int:
@@ -80,7 +78,7 @@ class GPSR(nn.Module):
         try:
             flow.load_state_dict(_sub_state(state, "flow."))
             if meta["stage"] == "flow":
-                return cls(flow, config={"stage": "flow", **hp}).to(device)
+                return cls(flow).to(device)
             unet = UNet(**hp["unet"])
             unet.load_state_dict(_sub_state(state, "ema.module." if ema else "unet."))
             stats = LatentStats(3 * flow.channels)
@@ -92,7 +90,7 @@ class GPSR(nn.Module):
         if not bool(stats.ready):
             raise CheckpointError(f"checkpoint {ckpt}: latent statistics were never computed")
         diffusion = GaussianDiffusion(**hp.get("diffusion", {}))
-        return cls(flow, unet, diffusion, stats, config={"stage": "ddpm", **hp}).to(device)
+        return cls(flow, unet, diffusion, stats).to(device)
 
     @torch.no_grad()
     def super_resolve(
@@ -105,15 +103,17 @@ class GPSR(nn.Module):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         indices: list[int] | None = None,
+        spacing: str = "linspace",
     ) -> torch.Tensor:
         """Super-resolve LR images.
 
         lr: (N, C, h, w) float in [0, 1] (not rounded), on any device.
         steps: UNet evaluations (7 in the paper; 0 = flow-only sampling).
         samples: K samples per image. project: apply the consistency projection (in the [0, 1]
-        box, see `ops.project_consistent_box`) after decoding.
+        box, see `project_consistent_box`) after decoding.
         generator / seed + indices: randomness; `seed` with `indices` makes each image's
         samples independent of batching.
+        spacing: timesteps visited, "linspace" (the paper) or "trailing".
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
         """
         if lr.dim() != 4 or lr.shape[1] != self.flow.channels:
@@ -143,11 +143,19 @@ class GPSR(nn.Module):
 
             else:
                 noise = None
-            x = super_resolve(
-                self.flow, y, steps, self.unet, self.diffusion, self.stats, eta=eta, noise_fn=noise
+            x = super_resolve_signed(
+                self.flow,
+                y,
+                steps,
+                self.unet,
+                self.diffusion,
+                self.stats,
+                eta=eta,
+                noise_fn=noise,
+                spacing=spacing,
             )
             x = ops.to_unit(x)
             if project:
-                x, _ = ops.project_consistent_box(x, lr, self.scale)
+                x, _ = project_consistent_box(x, lr, self.scale)
             outs.append(x.clamp(0, 1))
         return outs[0] if samples == 1 else torch.stack(outs, dim=1)

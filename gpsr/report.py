@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from gpsr.errors import InputNotFoundError
+from gpsr.utils.errors import InputNotFoundError
 
 log = logging.getLogger("gpsr.report")
 

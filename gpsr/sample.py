@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from gpsr import ops
-from gpsr.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
-from gpsr.errors import ConfigError, GPSRError, InputNotFoundError, OutputError
-from gpsr.evaluate import pick_device
 from gpsr.inference import GPSR
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
+from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.utils.device import pick_device
+from gpsr.utils.errors import ConfigError, GPSRError, InputNotFoundError, OutputError
 
 log = logging.getLogger("gpsr.sample")
 
@@ -146,6 +146,7 @@ def process_one(model: GPSR, path: Path, outs: list[Path], steps: int, cfg: Dict
         project=cfg.project,
         seed=cfg.seed,
         indices=[0],
+        spacing=cfg.get("spacing", "linspace"),
     )
     stack = sr if cfg.samples > 1 else sr[:, None]  # (1, K, C, H, W)
     images = list(stack[0])

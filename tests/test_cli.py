@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from gpsr import ops
-from gpsr.cli import check_output_dir
+from gpsr.utils.cli import check_output_dir
 from tests.conftest import FAST, run_cli
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_train_both_stages_then_evaluate(tmp_path):
         "sampler.steps=3",
         "sampler.project=true",
         "sampler.samples=2",
-        "data.demo_count=64",
+        "data.demo_test=5",
         "progress=false",
         f"hydra.run.dir={eval_dir}",
         cwd=tmp_path,

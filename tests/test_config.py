@@ -8,8 +8,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gpsr.cli import CONFIG_DIR
 from gpsr.models.unet import UNet
+from gpsr.utils.cli import CONFIG_DIR
 from tests.conftest import compose_cfg
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpsr.checkpoint import CheckpointError, load_checkpoint
 from gpsr.convert import convert_release, gpsr_settings, main
 from gpsr.inference import GPSR
-from gpsr.sampling import super_resolve
+from gpsr.pipeline import super_resolve_signed
+from gpsr.utils.checkpoint import CheckpointError, load_checkpoint
 
 # A small model in the release's own config format (scale 8, 32 x 32 HR, latent 16 x 16).
 CONFIG = {
@@ -429,7 +429,7 @@ def test_converted_samples_equal_the_release_sampler(release, converted, steps):
     g = torch.Generator().manual_seed(2)
     y = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     init = torch.randn(2, 9, 16, 16, generator=g, dtype=torch.float64)
-    ours = super_resolve(
+    ours = super_resolve_signed(
         model.flow,
         y,
         steps,

@@ -293,7 +293,7 @@ def test_gpsr_sampler_decodes_through_the_latent_statistics():
     """An oracle x0-network that returns the true normalised latent must give back exactly
     the flow inverse of that latent: the sampler has to denormalise before decoding."""
     from gpsr import ops
-    from gpsr.sampling import LatentStats, super_resolve
+    from gpsr.pipeline import LatentStats, super_resolve_signed
     from tests.helpers import tiny_flow
 
     flow = tiny_flow(scale=4, dtype=torch.float64, std=0.05)
@@ -312,5 +312,5 @@ def test_gpsr_sampler_decodes_through_the_latent_statistics():
     zhat = stats.normalise(z_true)
     assert not torch.allclose(zhat, z_true)
     d = GaussianDiffusion(1000, prediction="x0")
-    out = super_resolve(flow, y, 3, lambda inp, t: zhat, d, stats, eta=1.0)
+    out = super_resolve_signed(flow, y, 3, lambda inp, t: zhat, d, stats, eta=1.0)
     assert torch.allclose(out, flow.inverse(coarse, z_true), atol=1e-10)

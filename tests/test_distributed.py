@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 
 from gpsr.callbacks import SRMetricsCallback
-from gpsr.checkpoint import load_checkpoint
 from gpsr.data import GPSRDataModule
 from gpsr.stages import FlowModule, LatentDiffusionModule
+from gpsr.utils.checkpoint import load_checkpoint
 from tests.conftest import compose_cfg, run_cli
 
 pytestmark = pytest.mark.slow
@@ -109,7 +109,7 @@ def test_submitit_local_launcher_runs_a_job(tmp_path):
 def test_slurm_launcher_ties_tasks_to_devices(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from gpsr.cli import CONFIG_DIR
+    from gpsr.utils.cli import CONFIG_DIR
 
     overrides = [
         "hydra/launcher=slurm",

@@ -84,7 +84,7 @@ def test_image_not_divisible_by_scale_is_refused():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from gpsr.speed import apply_speedups
+    from gpsr.utils.speed import apply_speedups
 
     torch.manual_seed(0)
     flow = tiny_flow(4)
@@ -111,8 +111,7 @@ def test_bpd_is_the_exact_relaxed_likelihood_of_x():
     import math
 
     from gpsr import ops
-    from gpsr.models.flow import DegradationFlow
-    from gpsr.stages.flow import flow_loss_terms
+    from gpsr.models.flow import DegradationFlow, flow_loss_terms
 
     flow = DegradationFlow(scale=4, num_blocks=2, num_convs=2, growth=4).double()
     x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -147,7 +146,7 @@ def test_flow_loss_is_the_brute_force_negative_log_likelihood():
     import math
 
     from gpsr import ops
-    from gpsr.stages.flow import flow_loss_terms
+    from gpsr.models.flow import flow_loss_terms
 
     flow = tiny_flow(scale=4, dtype=torch.float64, std=0.1)
     x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

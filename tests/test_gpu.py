@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gpsr import ops
+from gpsr.projection import project_consistent_box
 from tests.helpers import tiny_flow
 
 pytestmark = [
@@ -27,6 +28,6 @@ def test_projection_on_gpu_matches_cpu():
     hr = torch.rand(2, 3, 64, 64, generator=gen, dtype=torch.float64)
     y = ops.degrade(hr, 8)
     x = (hr + 0.2 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    cpu, _ = ops.project_consistent_box(x, y, 8)
-    gpu, _ = ops.project_consistent_box(x.cuda(), y.cuda(), 8)
+    cpu, _ = project_consistent_box(x, y, 8)
+    gpu, _ = project_consistent_box(x.cuda(), y.cuda(), 8)
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-6)

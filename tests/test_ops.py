@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from gpsr import ops
+from gpsr.projection import project_consistent, project_consistent_box
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
@@ -71,11 +72,11 @@ def test_projection_is_consistent(dtype, tol, scale):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 64, 64, generator=gen, dtype=dtype)
     y = ops.degrade(torch.rand(3, 3, 64, 64, generator=gen, dtype=dtype), scale)
-    xp = ops.project_consistent(x, y, scale)
+    xp = project_consistent(x, y, scale)
     rel = (ops.degrade(xp, scale) - y).norm() / y.norm()
     assert rel < tol
     # Projection is idempotent and moves x only in the range of D^+ (minimal change).
-    assert torch.allclose(ops.project_consistent(xp, y, scale), xp, atol=tol * 10)
+    assert torch.allclose(project_consistent(xp, y, scale), xp, atol=tol * 10)
     before = (ops.degrade(x, scale) - y).norm()
     assert before > 1e3 * rel * y.norm()  # the test input was far from consistent
 
@@ -85,12 +86,12 @@ def test_box_projection_ends_inside_box_and_consistent():
     hr = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
     y = ops.degrade(hr, 8)
     x = (hr + 0.3 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    xp, iters = ops.project_consistent_box(x, y, 8)
+    xp, iters = project_consistent_box(x, y, 8)
     assert xp.min() >= 0 and xp.max() <= 1
     assert (((ops.degrade(xp, 8) - y) ** 2).flatten(1).mean(1) <= 1e-12).all()
     assert iters.shape == (2,) and (iters >= 1).all() and (iters < 300).all()
     # Plain projection followed by clamping would not be consistent here.
-    naive = ops.project_consistent(x, y, 8).clamp(0, 1)
+    naive = project_consistent(x, y, 8).clamp(0, 1)
     assert ((ops.degrade(naive, 8) - y) ** 2).mean() > 1e-9
 
 
@@ -125,7 +126,7 @@ def test_box_projection_is_the_closest_feasible_point():
     hr = torch.rand(1, 1, 16, 16, generator=gen, dtype=torch.float64)
     y = ops.degrade(hr, 4)
     x = (hr + 0.4 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    xp, _ = ops.project_consistent_box(x, y, 4)
+    xp, _ = project_consistent_box(x, y, 4)
     ah = ops.degradation_matrix(16, 4)
     dense = torch.kron(ah, ah).numpy()  # row-major vec(A X A^T) = (A kron A) vec(X)
     x0, yv = x.flatten().numpy(), y.flatten().numpy()
@@ -157,7 +158,7 @@ def test_box_projection_on_saturated_photos():
     gen = torch.Generator().manual_seed(0)
     x = (hr + 0.1 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
     before = ((ops.degrade(x, 4) - y) ** 2).mean()
-    xp, iters = ops.project_consistent_box(x, y, 4, max_iter=60)
+    xp, iters = project_consistent_box(x, y, 4, max_iter=60)
     after = ((ops.degrade(xp, 4) - y) ** 2).mean()
     assert 0 <= xp.min() and xp.max() <= 1
     assert after < 1e-8 and after < 1e-4 * before
@@ -183,7 +184,7 @@ def test_projection_of_nearly_consistent_samples_barely_changes_psnr():
     x = (hr + noise).clamp(0, 1)
     cons_before = ((ops.degrade(x, 8) - y) ** 2).flatten(1).mean(1)
     assert (cons_before > 1e-7).all() and (cons_before < 5e-5).all()
-    xp, _ = ops.project_consistent_box(x, y, 8)
+    xp, _ = project_consistent_box(x, y, 8)
     cons_after = ((ops.degrade(xp, 8) - y) ** 2).flatten(1).mean(1) / 1e-5
     assert (cons_after < 1e-4).all()
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from gpsr.checkpoint import atomic_save, checkpoint_digest, find_last_checkpoint
-from gpsr.errors import ConfigError, GPSRError, OutputError
+from gpsr.utils.checkpoint import atomic_save, checkpoint_digest, find_last_checkpoint
+from gpsr.utils.errors import ConfigError, GPSRError, OutputError
 from tests.conftest import compose_cfg, run_cli
 
 
@@ -101,8 +102,10 @@ def test_sample_folder_goes_on_past_bad_files(tmp_path, ddpm_ckpt):
     lr = tmp_path / "lr"
     lr.mkdir()
     _png(lr / "good.png", size=(4, 4))
-    _png(lr / "tiny.png", size=(1, 1))
+    _png(lr / "tiny.png", size=(1, 1))  # fine for this 8x model: its latent is 4 x 4
     _bomb(lr / "bomb.png")
+    (lr / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (lr / "notes.txt").write_text("not an image")
     proc = run_cli(
         "sample",
         f"ckpt={ddpm_ckpt}",
@@ -114,11 +117,33 @@ def test_sample_folder_goes_on_past_bad_files(tmp_path, ddpm_ckpt):
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("skipped:")]
-    assert len(err) == 2
-    assert any("tiny.png is 1x1" in line and "at least 2x2" in line for line in err)
+    assert len(err) == 3, err
     assert any("bomb.png" in line and "decompression bomb" in line for line in err)
+    assert any("broken.png" in line for line in err) and any("notes.txt" in line for line in err)
     assert "Traceback" not in proc.stderr
-    assert (tmp_path / "sr" / "good_sr.png").is_file()
+    assert (tmp_path / "sr" / "good_sr.png").is_file() and (
+        tmp_path / "sr" / "tiny_sr.png"
+    ).is_file()
+
+
+def test_too_small_lr_images_are_refused_by_name_for_a_4x_model():
+    """The 4x demo model: a 1 x 1 LR image would leave its UNet a 1 x 1 map (GroupNorm fails
+    deep in torch); the size rule refuses it with the size and the minimum instead."""
+    from gpsr.diffusion import GaussianDiffusion
+    from gpsr.inference import GPSR
+    from gpsr.models.unet import UNet
+    from gpsr.pipeline import LatentStats
+    from tests.helpers import SMALL_UNET, tiny_flow
+
+    flow = tiny_flow(scale=4)
+    unet = UNet(**{**SMALL_UNET, "in_channels": 12, "out_channels": 9})
+    stats = LatentStats(9)
+    stats.ready.fill_(True)
+    model = GPSR(flow, unet, GaussianDiffusion(), stats)
+    assert model.lr_size_rule() == (1, 2)
+    with pytest.raises(ConfigError, match="LR images of 1x1: this model needs sides of at least 2"):
+        model.super_resolve(torch.rand(1, 3, 1, 1), steps=2)
+    assert model.super_resolve(torch.rand(1, 3, 2, 2), steps=2).shape == (1, 3, 8, 8)
 
 
 # ------------------------------------------------------------------ data: decompression bomb
@@ -172,7 +197,7 @@ def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path):
 def test_csv_history_continues_after_resume(tmp_path):
     import csv
 
-    from gpsr.loggers import ResumableCSVLogger
+    from gpsr.utils.loggers import ResumableCSVLogger
 
     first = ResumableCSVLogger(str(tmp_path), name="csv", version="")
     first.log_metrics({"train/loss": 1.0}, step=0)
@@ -187,7 +212,7 @@ def test_csv_history_continues_after_resume(tmp_path):
 
 # ------------------------------------------------------------------ errors: by type, not path
 def test_errors_are_classified_by_type_not_by_path(tmp_path, monkeypatch, capsys):
-    from gpsr.cli import report_errors
+    from gpsr.utils.cli import report_errors
 
     fake = tmp_path / "clone" / "gpsr" / ".venv" / "site-packages"
     fake.mkdir(parents=True)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from gpsr.checkpoint import AtomicCheckpointIO, load_checkpoint
 from gpsr.data import GPSRDataModule
-from gpsr.loggers import wandb_logger
 from gpsr.stages import FlowModule, LatentDiffusionModule
+from gpsr.utils.checkpoint import AtomicCheckpointIO, load_checkpoint
+from gpsr.utils.loggers import wandb_logger
 from tests.conftest import REPO, run_cli
 from tests.helpers import SMALL_FLOW, SMALL_UNET
 
@@ -185,7 +185,7 @@ def test_sigkill_then_resume_auto(tmp_path):
 
 
 def test_wandb_is_offline_unless_a_key_or_an_explicit_setting(monkeypatch):
-    from gpsr.loggers import wandb_offline
+    from gpsr.utils.loggers import wandb_offline
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     assert wandb_offline(None) is True

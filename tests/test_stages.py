@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from gpsr import ops
-from gpsr.checkpoint import CheckpointError, load_checkpoint
 from gpsr.data import GPSRDataModule
 from gpsr.inference import GPSR
 from gpsr.stages import FlowModule, LatentDiffusionModule, NonFiniteLossError, flow_loss_terms
 from gpsr.stages.ddpm import ema_avg_fn
+from gpsr.utils.checkpoint import CheckpointError, load_checkpoint
 from tests.helpers import SMALL_FLOW, SMALL_UNET
 
 
@@ -230,7 +230,7 @@ def test_a_diverged_run_stops_after_consecutive_skips():
 
 
 def test_checkpoint_digest_detects_any_change(tmp_path, flow_ckpt):
-    from gpsr.checkpoint import AtomicCheckpointIO, checkpoint_digest
+    from gpsr.utils.checkpoint import AtomicCheckpointIO, checkpoint_digest
 
     ckpt = load_checkpoint(flow_ckpt)  # verified on load
     assert len(ckpt["gpsr"]["sha256"]) == 64
@@ -260,7 +260,7 @@ def test_checkpoint_digest_detects_any_change(tmp_path, flow_ckpt):
 def test_checkpoints_follow_the_umask(tmp_path):
     import os
 
-    from gpsr.checkpoint import atomic_save
+    from gpsr.utils.checkpoint import atomic_save
 
     old = os.umask(0o022)
     try:

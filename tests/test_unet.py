@@ -72,8 +72,8 @@ def test_format1_checkpoint_upgrades_to_the_same_function():
     """gpsr 0.1 grouped qkv rows as (3, heads, d) and named ResBlock layers differently."""
     import torch.nn.functional as F
 
-    from gpsr.checkpoint import CheckpointError, upgrade_checkpoint
     from gpsr.models.unet import AttentionBlock
+    from gpsr.utils.checkpoint import CheckpointError, upgrade_checkpoint
 
     C, heads, d = 64, 4, 16
     g = torch.Generator().manual_seed(0)

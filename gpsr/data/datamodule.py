@@ -29,7 +29,7 @@ from gpsr.data.images import (
     read_header,
     too_small_message,
 )
-from gpsr.errors import ConfigError
+from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ImageDataset(Dataset):
         img = self._uint8(index)
         if self.flip and torch.rand(()) < 0.5:
             img = img.flip(-1)
-        hr = img.float() / 127.5 - 1.0
+        hr = img.float() / 127.5 - 1.0  # 8-bit levels to [-1, 1]
         lr = ops.degrade(hr[None], self.scale)[0]
         return {"hr": hr, "lr": lr, "index": index}
 

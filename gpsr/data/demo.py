@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from gpsr.errors import ConfigError
+from gpsr.utils.errors import ConfigError
 
 __all__ = ["DEMO_PHOTOS", "DemoSplits", "RandomPatches", "demo_photos", "demo_splits"]
 

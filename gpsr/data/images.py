@@ -22,7 +22,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
-from gpsr.errors import GPSRError, InputNotFoundError
+from gpsr.utils.errors import GPSRError, InputNotFoundError
 
 __all__ = [
     "IMAGE_SUFFIXES",

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gpsr.errors import ConfigError
+from gpsr.utils.errors import ConfigError
 
 __all__ = [
     "PREDICTIONS",

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpsr import ops
-from gpsr.errors import ConfigError
+from gpsr.utils.errors import ConfigError
 
-__all__ = ["DenseBlock", "CouplingBlock", "DegradationFlow", "soft_clamp"]
+__all__ = ["DenseBlock", "CouplingBlock", "DegradationFlow", "soft_clamp", "flow_loss_terms"]
 
 
 def soft_clamp(s: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
@@ -123,7 +123,7 @@ class DegradationFlow(nn.Module):
         self.blocks = nn.ModuleList(
             CouplingBlock(channels, num_convs, growth, clamp) for _ in range(num_blocks)
         )
-        # Activation checkpointing per block (see gpsr.speed.apply_speedups).
+        # Activation checkpointing per block (see gpsr.utils.speed.apply_speedups).
         self.checkpointing = False
 
     def _check_image(self, x: torch.Tensor) -> None:
@@ -176,3 +176,42 @@ class DegradationFlow(nn.Module):
     def latent_shape(self, lr_height: int, lr_width: int) -> tuple[int, int, int]:
         """Shape (3C, k*h, k*w) of the latent for an LR input of size h x w."""
         return 3 * self.channels, self.k * lr_height, self.k * lr_width
+
+
+def flow_loss_terms(
+    flow: DegradationFlow, x: torch.Tensor, sigma: float
+) -> dict[str, torch.Tensor]:
+    """Algorithm 1's loss (docs/method.md §3) of dequantized images x (N, C, H, W) in [-1, 1]: scalars, batch means.
+
+    loss = ||c - U_k(D_s(x))||^2 / (2 sigma^2) + ||z||^2 / 2 - logdet, sums over elements.
+    Also returns the parts ("coarse", "latent", "logdet": the couplings' log-det) and the
+    bits per dimension of the relaxed likelihood of x, with every constant included: the
+    Gaussian normalisers, the Haar transform's log-det (`ops.haar_logdet`, -1 bit/dim) and
+    the 8-bit bin width. The loss leaves the constants out (they have no gradient).
+    """
+    coarse, latent, logdet = flow(x)
+    target = ops.upsample_nearest(ops.degrade(x, flow.scale), flow.k)
+    dt = torch.promote_types(coarse.dtype, torch.float32)  # bf16 autocast: losses in fp32
+    coarse_sq = ((coarse.to(dt) - target.to(dt)) ** 2).flatten(1).sum(1)
+    latent_sq = (latent.to(dt) ** 2).flatten(1).sum(1)
+    coarse_term = coarse_sq / (2 * sigma**2)
+    latent_term = latent_sq / 2
+    loss = coarse_term + latent_term - logdet
+    dims_c, dims_z = coarse[0].numel(), latent[0].numel()
+    dims = x[0].numel()
+    # -log p(x): the Gaussian normalisers and the Haar log-det, then (below) the 8-bit bin
+    # volume in [-1, 1] units.
+    nll = (
+        loss
+        + 0.5 * dims_z * math.log(2 * math.pi)
+        + 0.5 * dims_c * math.log(2 * math.pi * sigma**2)
+        - ops.haar_logdet(x)
+    )
+    bpd = (nll / dims - math.log(ops.QUANT_STEP)) / math.log(2)
+    return {
+        "loss": loss.mean(),
+        "coarse": coarse_term.mean(),
+        "latent": latent_term.mean(),
+        "logdet": logdet.mean(),
+        "bpd": bpd.mean(),
+    }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from gpsr.errors import ConfigError
+from gpsr.utils.errors import ConfigError
 
 __all__ = ["UNet", "timestep_embedding"]
 

@@ -10,8 +10,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from gpsr.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint, upgrade_checkpoint
-from gpsr.errors import ConfigError, GPSRError
+from gpsr.utils.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint, upgrade_checkpoint
+from gpsr.utils.errors import ConfigError, GPSRError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class StageModule(L.LightningModule):
             kept); "skip" skips that step on every process.
         max_skipped_steps: with "skip", the run stops after this many consecutive skipped
             steps (a diverged run is not a run).
-        speed: {checkpointing, channels_last, compile, tf32} (see gpsr.speed); "auto" means
+        speed: {checkpointing, channels_last, compile, tf32} (see gpsr.utils.speed); "auto" means
             on for CUDA only.
     """
 
@@ -77,7 +77,7 @@ class StageModule(L.LightningModule):
         self.consecutive_skips = 0
 
     def setup(self, stage: str) -> None:
-        from gpsr.speed import resolve_auto, set_tf32
+        from gpsr.utils.speed import resolve_auto, set_tf32
 
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         opts = {

@@ -10,15 +10,15 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from gpsr import ops
-from gpsr.callbacks import panel_rows
 from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
-from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
-from gpsr.sampling import IndexNoise, LatentStats, super_resolve, timestep_diagnostic
-from gpsr.speed import apply_speedups
+from gpsr.panels import panel_rows
+from gpsr.pipeline import IndexNoise, LatentStats, super_resolve_signed, timestep_diagnostic
 from gpsr.stages.base import StageModule, plain
 from gpsr.stages.flow import flow_from_checkpoint
+from gpsr.utils.errors import ConfigError
+from gpsr.utils.speed import apply_speedups
 
 __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
 
@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 def _ddpm_checkpoint(path: str, scale: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, hyper_parameters) of a DDPM-stage checkpoint, checked and upgraded."""
-    from gpsr.checkpoint import check_gpsr_checkpoint, load_checkpoint, upgrade_checkpoint
+    from gpsr.utils.checkpoint import check_gpsr_checkpoint, load_checkpoint, upgrade_checkpoint
 
     data = load_checkpoint(path)
     check_gpsr_checkpoint(data, path, stage="ddpm", scale=scale)
@@ -207,7 +207,7 @@ class LatentDiffusionModule(StageModule):
         steps = self.hparams["val_steps"] if steps is None else steps
         eta = self.hparams["val_eta"] if eta is None else eta
         noise = IndexNoise(indices, self.hparams["val_seed"] if seed is None else seed, lr.device)
-        x = super_resolve(
+        x = super_resolve_signed(
             self.flow,
             lr,
             steps,

@@ -2,59 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
 
 from gpsr import ops
-from gpsr.callbacks import panel_rows
-from gpsr.models.flow import DegradationFlow
-from gpsr.sampling import IndexNoise, super_resolve
-from gpsr.speed import apply_speedups
+from gpsr.models.flow import DegradationFlow, flow_loss_terms
+from gpsr.panels import panel_rows
+from gpsr.pipeline import IndexNoise, super_resolve_signed
 from gpsr.stages.base import StageModule, plain
+from gpsr.utils.speed import apply_speedups
 
-__all__ = ["FlowModule", "flow_loss_terms"]
-
-
-def flow_loss_terms(
-    flow: DegradationFlow, x: torch.Tensor, sigma: float
-) -> dict[str, torch.Tensor]:
-    """docs/method.md §3 loss of dequantized images x (N, C, H, W) in [-1, 1]: scalars, batch means.
-
-    loss = ||c - U_k(D_s(x))||^2 / (2 sigma^2) + ||z||^2 / 2 - logdet, sums over elements.
-    Also returns the parts ("coarse", "latent", "logdet": the couplings' log-det) and the
-    bits per dimension of the relaxed likelihood of x, with every constant included: the
-    Gaussian normalisers, the Haar transform's log-det (`ops.haar_logdet`, -1 bit/dim) and
-    the 8-bit bin width. The loss leaves the constants out (they have no gradient).
-    """
-    coarse, latent, logdet = flow(x)
-    target = ops.upsample_nearest(ops.degrade(x, flow.scale), flow.k)
-    dt = torch.promote_types(coarse.dtype, torch.float32)  # bf16 autocast: losses in fp32
-    coarse_sq = ((coarse.to(dt) - target.to(dt)) ** 2).flatten(1).sum(1)
-    latent_sq = (latent.to(dt) ** 2).flatten(1).sum(1)
-    coarse_term = coarse_sq / (2 * sigma**2)
-    latent_term = latent_sq / 2
-    loss = coarse_term + latent_term - logdet
-    dims_c, dims_z = coarse[0].numel(), latent[0].numel()
-    dims = x[0].numel()
-    # -log p(x): the Gaussian normalisers and the Haar log-det, then (below) the 8-bit bin
-    # volume in [-1, 1] units.
-    nll = (
-        loss
-        + 0.5 * dims_z * math.log(2 * math.pi)
-        + 0.5 * dims_c * math.log(2 * math.pi * sigma**2)
-        - ops.haar_logdet(x)
-    )
-    bpd = (nll / dims + math.log(127.5)) / math.log(2)
-    return {
-        "loss": loss.mean(),
-        "coarse": coarse_term.mean(),
-        "latent": latent_term.mean(),
-        "logdet": logdet.mean(),
-        "bpd": bpd.mean(),
-    }
+__all__ = ["FlowModule", "flow_loss_terms"]  # the loss lives in gpsr.models.flow
 
 
 class FlowModule(StageModule):
@@ -74,7 +34,7 @@ class FlowModule(StageModule):
         self,
         scale: int = 8,
         flow: dict[str, Any] | None = None,
-        sigma: float = 1 / 127.5,
+        sigma: float = ops.QUANT_STEP,
         val_seed: int = 0,
         optimizer=None,
         scheduler=None,
@@ -113,7 +73,7 @@ class FlowModule(StageModule):
         noise = IndexNoise(batch["index"].tolist(), self.hparams["val_seed"], lr.device)
         return {
             "flow_zero": self.flow.pseudoinverse(lr, zero),
-            "flow_sample": super_resolve(self.flow, lr, steps=0, noise_fn=noise),
+            "flow_sample": super_resolve_signed(self.flow, lr, steps=0, noise_fn=noise),
         }
 
     def validation_step(
@@ -148,7 +108,7 @@ def flow_from_checkpoint(
     Refuses, with one clear line, a missing file, a non-gpsr file, a checkpoint of another
     stage, or one trained for another scale.
     """
-    from gpsr.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
+    from gpsr.utils.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
 
     ckpt = load_checkpoint(path)
     check_gpsr_checkpoint(ckpt, path, stage="flow", scale=scale)

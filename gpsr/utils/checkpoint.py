@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpsr.errors import GPSRError
+from gpsr.utils.errors import GPSRError
 
 __all__ = [
     "CheckpointError",

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpsr.errors import ConfigError, GPSRError, OutputError
+from gpsr.utils.errors import ConfigError, GPSRError, OutputError
 
 log = logging.getLogger("gpsr")
 
 __all__ = ["CONFIG_DIR", "check_output_dir", "report_errors", "finish_wandb", "preflight"]
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def per_device_batch(global_batch: int, devices: Any, nodes: Any, accumulate: Any) -> int:

@@ -1,5 +1,8 @@
-"""Algorithm 3: latent statistics, seeded noise and the GPSR sampler, shared by training
-validation, evaluation, the CLI and the inference object."""
+"""The GPSR pipeline (Algorithm 3): latent statistics, seeded noise and the sampler, shared by
+training validation, evaluation, the CLI and the inference object.
+
+Images here are in the model's range [-1, 1] (hence `super_resolve_signed`);
+`gpsr.inference.GPSR.super_resolve` is the user-facing [0, 1] wrapper."""
 
 from __future__ import annotations
 
@@ -10,10 +13,16 @@ from torch import nn
 
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
-from gpsr.errors import ConfigError
 from gpsr.models.flow import DegradationFlow
+from gpsr.utils.errors import ConfigError
 
-__all__ = ["LatentStats", "seeded_normal", "IndexNoise", "super_resolve", "timestep_diagnostic"]
+__all__ = [
+    "LatentStats",
+    "seeded_normal",
+    "IndexNoise",
+    "super_resolve_signed",
+    "timestep_diagnostic",
+]
 
 
 class LatentStats(nn.Module):
@@ -112,7 +121,7 @@ class IndexNoise:
 
 
 @torch.no_grad()
-def super_resolve(
+def super_resolve_signed(
     flow: DegradationFlow,
     lr: torch.Tensor,
     steps: int,
