@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,15 @@ from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.evaluate")
 
-__all__ = ["evaluate", "markdown_table", "main"]
+__all__ = [
+    "evaluate",
+    "build_methods",
+    "run_methods",
+    "summarise",
+    "write_artifacts",
+    "markdown_table",
+    "main",
+]
 
 Method = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
@@ -100,28 +109,34 @@ def diagnostic_table(d: dict[str, Any]) -> str:
     )
 
 
+@dataclass
+class EvalRun:
+    """What running the methods over a split accumulates."""
+
+    metrics: dict[str, SRMetrics]
+    seconds: dict[str, float]
+    images: int = 0
+    projection_iterations: list[torch.Tensor] = field(default_factory=list)
+    panel: dict[str, torch.Tensor] | None = None
+    diagnostic: dict[str, torch.Tensor] | None = None
+
+
+def _projected_base(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> str | None:
+    """The sampled method whose outputs `sampler.project=true` projects (GPSR, else flow)."""
+    if not cfg.sampler.project:
+        return None
+    return "gpsr" if "gpsr" in methods else "flow"
+
+
 @torch.no_grad()
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the Table 1 protocol over a whole split; returns what `metrics.json` holds."""
-    output_dir = check_output_dir(cfg.paths.output_dir)
-    device = pick_device(cfg.device)
-    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema)
-    with open_dict(cfg):
-        if cfg.scale is None:
-            cfg.scale = model.scale
-    if cfg.scale != model.scale:
-        raise ConfigError(
-            f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
-        )
-    datamodule = instantiate(cfg.data)
-    loader = datamodule.eval_dataloader(cfg.split)
-    methods = build_methods(model, cfg)
-    proj_base = ("gpsr" if "gpsr" in methods else "flow") if cfg.sampler.project else None
+def run_methods(
+    model: GPSR, methods: dict[str, tuple[Method, str]], loader, cfg: DictConfig
+) -> EvalRun:
+    """Every method (and the projection) on every batch of the split; metrics accumulated."""
+    device = model.device
+    proj_base = _projected_base(methods, cfg)
     names = list(methods) + ([f"{proj_base}_projected"] if proj_base else [])
-    metrics = {name: SRMetrics(model.scale).to(device) for name in names}
-    seconds = dict.fromkeys(names, 0.0)
-    proj_iters: list[torch.Tensor] = []
-    n_images, panel, diag = 0, None, None
+    run = EvalRun({n: SRMetrics(model.scale).to(device) for n in names}, dict.fromkeys(names, 0.0))
     limit = cfg.limit_batches
     for b, batch in enumerate(tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress)):
         if limit is not None and b >= limit:
@@ -129,7 +144,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         hr = ops.to_unit(batch["hr"].to(device))
         lr = ops.to_unit(batch["lr"].to(device))
         idx = batch["index"].tolist()
-        n_images += hr.shape[0]
+        run.images += hr.shape[0]
         if model.unet is not None and cfg.diagnostic_buckets > 0:
             part = timestep_diagnostic(
                 model.flow,
@@ -141,15 +156,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 cfg.seed,
                 cfg.diagnostic_buckets,
             )
-            diag = part if diag is None else {k: diag[k] + part[k] for k in part}
+            run.diagnostic = (
+                part if run.diagnostic is None else {k: run.diagnostic[k] + part[k] for k in part}
+            )
         outputs = {}
         for name, (fn, _) in methods.items():
             synchronize(device)
             t0 = time.perf_counter()
-            out = fn(lr, idx)
+            outputs[name] = fn(lr, idx)
             synchronize(device)
-            seconds[name] += time.perf_counter() - t0
-            outputs[name] = out
+            run.seconds[name] += time.perf_counter() - t0
         if proj_base:
             out = outputs[proj_base]
             flat = out.flatten(0, 1) if out.dim() == 5 else out
@@ -157,29 +173,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             proj, iters = project_consistent_box(flat, lr_rep, model.scale)
             synchronize(device)
-            seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
-            proj_iters.append(iters)
+            run.seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
+            run.projection_iterations.append(iters)
             outputs[f"{proj_base}_projected"] = proj.reshape(out.shape)
         for name, out in outputs.items():
-            samples = out.unbind(1) if out.dim() == 5 else [out]
-            for sr in samples:
-                metrics[name].update(sr, hr, lr)
-        if panel is None:
+            for sr in out.unbind(1) if out.dim() == 5 else [out]:
+                run.metrics[name].update(sr, hr, lr)
+        if run.panel is None:
             last = next(reversed(outputs))
             firsts = {name: out[:, 0] if out.dim() == 5 else out for name, out in outputs.items()}
             std = outputs[last].std(1) if outputs[last].dim() == 5 else None
-            panel = panel_rows(lr, hr, firsts, model.scale, last, std)
-    if n_images == 0:
+            run.panel = panel_rows(lr, hr, firsts, model.scale, last, std)
+    if run.images == 0:
         raise ConfigError(f"the {cfg.split} split gave no images to evaluate")
+    return run
+
+
+def summarise(
+    run: EvalRun, methods: dict[str, tuple[Method, str]], model: GPSR, cfg: DictConfig
+) -> dict[str, Any]:
+    """What `metrics.json` holds: per-method metrics, time per image, NFEs, diagnostics."""
     nfe = {name: label for name, (_, label) in methods.items()}
-    its = torch.cat(proj_iters).float() if proj_iters else None
+    its = torch.cat(run.projection_iterations).float() if run.projection_iterations else None
     results: dict[str, dict[str, Any]] = {}
-    for name, metric in metrics.items():
+    for name, metric in run.metrics.items():
         base = name.removesuffix("_projected")
+        seconds = run.seconds[name] + (run.seconds[base] if name != base else 0.0)
         results[name] = {
             **metric.compute(worst=True),
-            "seconds_per_image": seconds[name] / n_images
-            + (seconds[base] / n_images if name != base else 0.0),
+            "seconds_per_image": seconds / run.images,
             "nfe": nfe[base],
         }
         if name != base:
@@ -187,10 +209,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 "mean": its.mean().item(),
                 "max": int(its.max()),
             }
+    device = model.device
     summary = {
         "ckpt": str(cfg.ckpt),
         "split": cfg.split,
-        "images": n_images,
+        "images": run.images,
         "samples_per_image": cfg.sampler.samples,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seed": cfg.seed,
@@ -198,33 +221,63 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "methods": results,
     }
-    if diag is not None:
+    if run.diagnostic is not None:
+        d = run.diagnostic
         summary["loss_by_t"] = {
             "t": diagnostic_timesteps(model.diffusion.num_timesteps, cfg.diagnostic_buckets),
             "prediction": model.diffusion.prediction,
-            "loss": (diag["loss"] / diag["count"]).tolist(),
-            "x0_mse": (diag["x0_mse"] / diag["count"]).tolist(),
-            "mean_predictor_x0_mse": (diag["mean_x0_mse"] / diag["count"]).item(),
+            "loss": (d["loss"] / d["count"]).tolist(),
+            "x0_mse": (d["x0_mse"] / d["count"]).tolist(),
+            "mean_predictor_x0_mse": (d["mean_x0_mse"] / d["count"]).item(),
         }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    table = markdown_table(results)
+    return summary
+
+
+def write_artifacts(
+    summary: dict[str, Any], panel: dict[str, torch.Tensor] | None, cfg: DictConfig, out: Path
+) -> str:
+    """metrics.json, metrics.md and panel.png in the run folder; returns the Markdown table."""
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    table = markdown_table(summary["methods"])
     note = ""
-    if its is not None:
+    projected = [m for m in summary["methods"].values() if "projection_iterations" in m]
+    if projected:
+        its = projected[0]["projection_iterations"]
         note = (
             f"\nProjection onto the consistent images inside [0, 1] (semi-smooth Newton, "
-            f"gpsr.projection.project_consistent_box) took {its.mean().item():.1f} iterations per image "
-            f"on average (at most {int(its.max())}).\n"
+            f"gpsr.projection.project_consistent_box) took {its['mean']:.1f} iterations per "
+            f"image on average (at most {its['max']}).\n"
         )
-    if diag is not None:
+    if "loss_by_t" in summary:
         note += diagnostic_table(summary["loss_by_t"])
     columns = " | ".join(panel) if panel is not None else ""
-    (output_dir / "metrics.md").write_text(
-        f"# Evaluation of `{cfg.ckpt}`\n\n{n_images} images ({cfg.split} split), "
-        f"{cfg.sampler.samples} sample(s) each, eta={cfg.sampler.eta}, seed={cfg.seed}.\n\n{table}{note}"
-        f"\n`panel.png` columns: {columns}.\n"
+    (out / "metrics.md").write_text(
+        f"# Evaluation of `{cfg.ckpt}`\n\n{summary['images']} images ({cfg.split} split), "
+        f"{cfg.sampler.samples} sample(s) each, eta={cfg.sampler.eta}, seed={cfg.seed}.\n\n"
+        f"{table}{note}\n`panel.png` columns: {columns}.\n"
     )
     if panel is not None:
-        Image.fromarray(to_uint8_grid(panel, max_images=8)).save(output_dir / "panel.png")
+        Image.fromarray(to_uint8_grid(panel, max_images=8)).save(out / "panel.png")
+    return table
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """The Table 1 protocol over a whole split: build the methods, run them, summarise, write
+    the artifacts; returns what `metrics.json` holds."""
+    output_dir = check_output_dir(cfg.paths.output_dir)
+    model = GPSR.load(cfg.ckpt, device=pick_device(cfg.device), ema=cfg.ema)
+    with open_dict(cfg):
+        if cfg.scale is None:
+            cfg.scale = model.scale
+    if cfg.scale != model.scale:
+        raise ConfigError(
+            f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
+        )
+    loader = instantiate(cfg.data).eval_dataloader(cfg.split)
+    methods = build_methods(model, cfg)
+    run = run_methods(model, methods, loader, cfg)
+    summary = summarise(run, methods, model, cfg)
+    table = write_artifacts(summary, run.panel, cfg, output_dir)
     log.info("\n%s", table)
     _log_to_loggers(cfg, summary, output_dir)
     return summary

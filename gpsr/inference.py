@@ -10,23 +10,13 @@ from torch import nn
 
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion
+from gpsr.loading import build_flow, build_latent_diffusion, read_checkpoint
 from gpsr.models.flow import DegradationFlow
-from gpsr.models.unet import UNet
 from gpsr.pipeline import IndexNoise, LatentStats, super_resolve_signed
 from gpsr.projection import project_consistent_box
-from gpsr.utils.checkpoint import (
-    CheckpointError,
-    check_gpsr_checkpoint,
-    load_checkpoint,
-    upgrade_checkpoint,
-)
 from gpsr.utils.errors import ConfigError
 
 __all__ = ["GPSR"]
-
-
-def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 class GPSR(nn.Module):
@@ -69,27 +59,11 @@ class GPSR(nn.Module):
     @classmethod
     def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> GPSR:
         """Load a gpsr checkpoint (weights_only=True). `ema=False` takes the raw UNet weights."""
-        data = load_checkpoint(ckpt)
-        meta = check_gpsr_checkpoint(data, ckpt)
-        upgrade_checkpoint(data, ckpt)
-        hp = data.get("hyper_parameters", {})
-        state = data["state_dict"]
-        flow = DegradationFlow(scale=int(hp["scale"]), **hp.get("flow", {}))
-        try:
-            flow.load_state_dict(_sub_state(state, "flow."))
-            if meta["stage"] == "flow":
-                return cls(flow).to(device)
-            unet = UNet(**hp["unet"])
-            unet.load_state_dict(_sub_state(state, "ema.module." if ema else "unet."))
-            stats = LatentStats(3 * flow.channels)
-            stats.load_state_dict(_sub_state(state, "stats."))
-        except (RuntimeError, KeyError) as err:
-            raise CheckpointError(
-                f"checkpoint {ckpt}: weights do not match its settings ({err})"
-            ) from err
-        if not bool(stats.ready):
-            raise CheckpointError(f"checkpoint {ckpt}: latent statistics were never computed")
-        diffusion = GaussianDiffusion(**hp.get("diffusion", {}))
+        data = read_checkpoint(ckpt)
+        flow = build_flow(data, ckpt)
+        if data["gpsr"]["stage"] == "flow":
+            return cls(flow).to(device)
+        unet, diffusion, stats = build_latent_diffusion(data, ckpt, ema=ema)
         return cls(flow, unet, diffusion, stats).to(device)
 
     @torch.no_grad()

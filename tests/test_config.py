@@ -18,6 +18,7 @@ def _options(group: str) -> list[str]:
 
 
 GROUPS = [
+    "speed",
     "stage",
     "data",
     "model/flow",
@@ -73,8 +74,8 @@ def test_remaining_groups_build_what_they_describe(tmp_path, group):
         elif group == "model/unet" and option == "small":
             u = cfg.model.unet
             net = UNet(**u)
-            out = net(torch.zeros(1, u.in_channels, u.image_size, u.image_size), torch.zeros(1))
-            assert out.shape == (1, u.out_channels, u.image_size, u.image_size)
+            out = net(torch.zeros(1, net.in_channels, u.image_size, u.image_size), torch.zeros(1))
+            assert out.shape == (1, net.out_channels, u.image_size, u.image_size)
         elif group == "callbacks":
             wanted = [c for c in (cfg.callbacks or {}).values() if c is not None]
             assert len([instantiate(c) for c in wanted]) == len(wanted)

@@ -2,13 +2,12 @@
 
 from gpsr.stages.base import NonFiniteLossError, StageModule
 from gpsr.stages.ddpm import LatentDiffusionModule
-from gpsr.stages.flow import FlowModule, flow_from_checkpoint, flow_loss_terms
+from gpsr.stages.flow import FlowModule, flow_loss_terms
 
 __all__ = [
     "FlowModule",
     "LatentDiffusionModule",
     "NonFiniteLossError",
     "StageModule",
-    "flow_from_checkpoint",
     "flow_loss_terms",
 ]

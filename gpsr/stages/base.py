@@ -107,9 +107,15 @@ class StageModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ):
-        clip = self.grad_clip if gradient_clip_val is None else gradient_clip_val
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        if gradient_clip_val is not None:  # one knob for one thing
+            raise ConfigError(
+                f"trainer.gradient_clip_val={gradient_clip_val} is not used by gpsr: set "
+                f"stage.module.grad_clip (the gradient-norm clip of the stage) instead"
+            )
+        if self.grad_clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm"
+            )
 
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor | None:
         """Return the loss, or None to skip the step, or raise, when it is not finite anywhere."""

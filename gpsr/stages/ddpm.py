@@ -11,12 +11,12 @@ from torch.optim.swa_utils import AveragedModel
 
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
+from gpsr.loading import load_flow, read_checkpoint
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.panels import panel_rows
 from gpsr.pipeline import IndexNoise, LatentStats, super_resolve_signed, timestep_diagnostic
 from gpsr.stages.base import StageModule, plain
-from gpsr.stages.flow import flow_from_checkpoint
 from gpsr.utils.errors import ConfigError
 from gpsr.utils.speed import apply_speedups
 
@@ -24,16 +24,6 @@ __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
 
 # The frozen flow is kept in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-
-
-def _ddpm_checkpoint(path: str, scale: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, hyper_parameters) of a DDPM-stage checkpoint, checked and upgraded."""
-    from gpsr.utils.checkpoint import check_gpsr_checkpoint, load_checkpoint, upgrade_checkpoint
-
-    data = load_checkpoint(path)
-    check_gpsr_checkpoint(data, path, stage="ddpm", scale=scale)
-    upgrade_checkpoint(data, path)
-    return data["state_dict"], data.get("hyper_parameters", {})
 
 
 def ema_avg_fn(decay: float, warmup: bool = True):
@@ -97,14 +87,15 @@ class LatentDiffusionModule(StageModule):
         super().__init__(optimizer, scheduler, grad_clip, nonfinite, speed, max_skipped_steps)
         init_state = None
         if init_ckpt:  # fine-tuning: every weight and setting from a DDPM checkpoint
-            init_state, init_hp = _ddpm_checkpoint(init_ckpt, scale)
+            init = read_checkpoint(init_ckpt, stage="ddpm", scale=scale)
+            init_state, init_hp = init["state_dict"], init.get("hyper_parameters", {})
             flow, unet, diffusion = init_hp["flow"], init_hp["unet"], init_hp.get("diffusion")
         if flow is None:  # training: read the trained flow
             if not flow_ckpt:
                 raise ConfigError(
                     "stage=ddpm needs a trained flow: set flow_ckpt=<path to a flow-stage .ckpt>"
                 )
-            self.flow, flow_hp = flow_from_checkpoint(flow_ckpt, scale)
+            self.flow, flow_hp = load_flow(flow_ckpt, scale)
             flow = dict(flow_hp.get("flow", {}))
         else:  # rebuilding from a DDPM checkpoint, whose state_dict holds the flow weights
             flow = plain(dict(flow))

@@ -98,27 +98,3 @@ class FlowModule(StageModule):
         sr = {name: ops.to_unit(x).clamp(0, 1) for name, x in self._samples(batch).items()}
         samples = {"flow z=0": sr["flow_zero"], "flow sample": sr["flow_sample"]}
         return panel_rows(ops.to_unit(lr), ops.to_unit(hr), samples, self.flow.scale, "flow sample")
-
-
-def flow_from_checkpoint(
-    path: str, scale: int | None = None
-) -> tuple[DegradationFlow, dict[str, Any]]:
-    """Build the trained flow of a flow-stage checkpoint: -> (flow in eval mode, its hparams).
-
-    Refuses, with one clear line, a missing file, a non-gpsr file, a checkpoint of another
-    stage, or one trained for another scale.
-    """
-    from gpsr.utils.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    check_gpsr_checkpoint(ckpt, path, stage="flow", scale=scale)
-    hp = ckpt.get("hyper_parameters", {})
-    flow = DegradationFlow(scale=int(hp["scale"]), **hp.get("flow", {}))
-    state = {k[len("flow.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("flow.")}
-    try:
-        flow.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"checkpoint {path}: flow weights do not match its settings ({err})"
-        ) from err
-    return flow.eval(), hp
