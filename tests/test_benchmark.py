@@ -37,3 +37,29 @@ def test_benchmark_rows_and_trust_columns(tmp_path, ddpm_ckpt):
     assert trust["reference"]["invertibility_max_abs"] < 1e-5  # fp32 inverts to float precision
     assert trust["optimized"]["invertibility_max_abs"] < 1e-2
     assert "speed-up" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_flop_model_matches_flops_counted_on_the_real_operations(tmp_path):
+    """The benchmark's TFLOP/s use a model (training = 3 x forward, 7+1 sampling = 7 UNet
+    calls + 1 flow pass); torch's FLOP counter on the real operations must agree with it."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gpsr.benchmark import Setup, _flop_counts
+
+    cfg = compose_cfg(TINY, name="benchmark", output_dir=tmp_path)
+    cpu = torch.device("cpu")
+    model = _flop_counts(cfg, cpu)
+    setup = Setup(cfg, "reference", cpu)
+    x = setup.images(2, cfg.size)
+    for name, run in (
+        ("flow_train", lambda: setup.flow_train(x)),
+        ("ddpm_train", lambda: setup.ddpm_train(x)),
+        ("sample_7", lambda: setup.sample(x, 7)),
+        ("flow_inverse", lambda: setup.flow_inverse(x)),
+    ):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+        counted = counter.get_total_flops()
+        assert abs(counted / model[name](2) - 1) < 0.1, (name, counted, model[name](2))
