@@ -4,7 +4,7 @@
 # NFEs on the demo's test tiles (1 sample per image, seed 0). Needs `make demo` first: its
 # flow ($GPSR_DEMO_DIR/flow) is shared, and its own DDPM ($GPSR_DEMO_DIR/ddpm, predicting x0)
 # is the x0 row; eps (the paper's) and v are trained here with the same settings. Writes
-# $GPSR_DEMO_DIR/parameterization/report.md (about 20 minutes on 2 CPU cores).
+# $GPSR_DEMO_DIR/parameterization/report.md (about 20 minutes on 2 CPU cores alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
