@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from gpsr.diffusion import GaussianDiffusion
+from gpsr.loading import sub_state
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.utils.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_digest
@@ -156,10 +157,6 @@ def _load_into(
     return {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
 
 
-def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def convert_release(
     release: dict[str, Any],
     path: str | Path,
@@ -190,7 +187,7 @@ def convert_release(
     if leftover:
         raise CheckpointError(f"{path}: unexpected release weights {sorted(leftover)[:3]}")
 
-    transform = _split(model, "flow.transform.")
+    transform = sub_state(model, "flow.transform.")
     stats_raw = {k: transform.pop(k, None) for k in _STATS}
     if any(v is None for v in stats_raw.values()):
         raise CheckpointError(f"{path}: the flow's latent statistics (details_*) are missing")
@@ -206,14 +203,14 @@ def convert_release(
     flow_state = _load_into(flow, flow_state, path, "flow")
 
     unet = UNet(**settings["unet"])
-    raw_unet = _load_into(unet, _split(model, "dpm.unet."), path, "UNet")
+    raw_unet = _load_into(unet, sub_state(model, "dpm.unet."), path, "UNet")
     if ema:
         averaged = release.get("ema_state_dict")
         if not isinstance(averaged, dict) or not any(
             k.startswith("module.dpm.unet.") for k in averaged
         ):
             raise CheckpointError(f"{path} holds no EMA weights (ema_state_dict): use ema=false")
-        ema_unet = _load_into(unet, _split(averaged, "module.dpm.unet."), path, "EMA UNet")
+        ema_unet = _load_into(unet, sub_state(averaged, "module.dpm.unet."), path, "EMA UNet")
         n_averaged = averaged.get("n_averaged", torch.tensor(1))
     else:
         ema_unet, n_averaged = raw_unet, torch.tensor(1)

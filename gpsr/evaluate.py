@@ -26,11 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
-from gpsr.diffusion import diagnostic_timesteps
 from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
 from gpsr.panels import panel_rows, to_uint8_grid
-from gpsr.pipeline import timestep_diagnostic
+from gpsr.pipeline import add_diagnostic, diagnostic_means, timestep_diagnostic
 from gpsr.projection import project_consistent_box
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device, synchronize
@@ -156,9 +155,7 @@ def run_methods(
                 cfg.seed,
                 cfg.diagnostic_buckets,
             )
-            run.diagnostic = (
-                part if run.diagnostic is None else {k: run.diagnostic[k] + part[k] for k in part}
-            )
+            run.diagnostic = add_diagnostic(run.diagnostic, part)
         outputs = {}
         for name, (fn, _) in methods.items():
             synchronize(device)
@@ -222,13 +219,9 @@ def summarise(
         "methods": results,
     }
     if run.diagnostic is not None:
-        d = run.diagnostic
         summary["loss_by_t"] = {
-            "t": diagnostic_timesteps(model.diffusion.num_timesteps, cfg.diagnostic_buckets),
             "prediction": model.diffusion.prediction,
-            "loss": (d["loss"] / d["count"]).tolist(),
-            "x0_mse": (d["x0_mse"] / d["count"]).tolist(),
-            "mean_predictor_x0_mse": (d["mean_x0_mse"] / d["count"]).item(),
+            **diagnostic_means(run.diagnostic, model.diffusion.num_timesteps),
         }
     return summary
 

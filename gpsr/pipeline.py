@@ -7,6 +7,7 @@ Images here are in the model's range [-1, 1] (hence `super_resolve_signed`);
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ __all__ = [
     "IndexNoise",
     "super_resolve_signed",
     "timestep_diagnostic",
+    "add_diagnostic",
+    "diagnostic_means",
 ]
 
 
@@ -190,3 +193,22 @@ def timestep_diagnostic(
     out["mean_x0_mse"] = zhat.double().pow(2).flatten(1).mean(1).sum()
     out["count"] = torch.tensor(float(hr.shape[0]), dtype=torch.float64, device=hr.device)
     return out
+
+
+def add_diagnostic(
+    total: dict[str, torch.Tensor] | None, part: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Running sum of `timestep_diagnostic` results over batches (start with total=None)."""
+    return part if total is None else {k: total[k] + part[k] for k in part}
+
+
+def diagnostic_means(sums: dict[str, torch.Tensor], num_timesteps: int) -> dict[str, Any]:
+    """Summed diagnostics -> per-image means: {"t": [K], "loss": [K], "x0_mse": [K],
+    "mean_predictor_x0_mse": float}, t the middle timestep of each of the K buckets."""
+    n = sums["count"]
+    return {
+        "t": diagnostic_timesteps(num_timesteps, len(sums["loss"])),
+        "loss": (sums["loss"] / n).tolist(),
+        "x0_mse": (sums["x0_mse"] / n).tolist(),
+        "mean_predictor_x0_mse": (sums["mean_x0_mse"] / n).item(),
+    }

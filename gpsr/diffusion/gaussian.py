@@ -216,6 +216,18 @@ class GaussianDiffusion:
         return clipped / per_unit
 
     # ------------------------------------------------------------------ training
+    def predict(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        cond: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise x0 to x_t and run the network on `[x_t, cond]`: -> (x_t, output), (N, ...)."""
+        xt = self.q_sample(x0, t, noise)
+        return xt, model(torch.cat([xt, cond], dim=1), self.model_time(t))
+
     def training_losses(
         self,
         model: Model,
@@ -229,8 +241,7 @@ class GaussianDiffusion:
         x0 (N, Cz, h, w) normalised latent, cond (N, Cc, h, w) concatenated on channels,
         t (N,) long, noise like x0.
         """
-        xt = self.q_sample(x0, t, noise)
-        out = model(torch.cat([xt, cond], dim=1), self.model_time(t))
+        _, out = self.predict(model, x0, cond, t, noise)
         dtype = torch.promote_types(x0.dtype, torch.float32)  # bf16 outputs: loss in fp32
         err = out.to(dtype) - self.target(x0, t, noise).to(dtype)
         return err.pow(2).flatten(1).mean(1)
@@ -278,8 +289,8 @@ class GaussianDiffusion:
         for t_int in timesteps:
             t = torch.full((x0.shape[0],), int(t_int), device=x0.device, dtype=torch.long)
             noise = draw(tuple(x0.shape)).to(x0)
-            xt = self.q_sample(x0, t, noise)
-            out = model(torch.cat([xt, cond], dim=1), self.model_time(t)).to(x0.dtype)
+            xt, out = self.predict(model, x0, cond, t, noise)
+            out = out.to(x0.dtype)
             target = self.target(x0, t, noise)
             x0_hat = self.x0_from_output(out, xt, t)
             loss.append((out - target).double().pow(2).flatten(1).mean(1).sum())

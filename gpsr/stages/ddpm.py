@@ -10,12 +10,19 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from gpsr import ops
-from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
+from gpsr.diffusion import GaussianDiffusion
 from gpsr.loading import load_flow, read_checkpoint
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.panels import panel_rows
-from gpsr.pipeline import IndexNoise, LatentStats, super_resolve_signed, timestep_diagnostic
+from gpsr.pipeline import (
+    IndexNoise,
+    LatentStats,
+    add_diagnostic,
+    diagnostic_means,
+    super_resolve_signed,
+    timestep_diagnostic,
+)
 from gpsr.stages.base import StageModule, plain
 from gpsr.utils.errors import ConfigError
 from gpsr.utils.speed import apply_speedups
@@ -223,7 +230,7 @@ class LatentDiffusionModule(StageModule):
                 self.hparams["val_seed"],
                 self.hparams["diagnostic_buckets"],
             )
-            self._diag = part if self._diag is None else {k: self._diag[k] + part[k] for k in part}
+            self._diag = add_diagnostic(self._diag, part)
         sr = self.sample(batch["lr"], idx)
         return {"hr": ops.to_unit(batch["hr"]), "lr": ops.to_unit(batch["lr"]), "sr": {"gpsr": sr}}
 
@@ -236,12 +243,11 @@ class LatentDiffusionModule(StageModule):
             return
         sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._diag.items()}
         self._diag = None
-        n = sums["count"]
-        ts = diagnostic_timesteps(self.diffusion.num_timesteps, len(sums["loss"]))
-        for i, t in enumerate(ts):
-            self.log(f"{prefix}/loss_t/{t:04d}", (sums["loss"][i] / n).float())
-            self.log(f"{prefix}/x0_mse_t/{t:04d}", (sums["x0_mse"][i] / n).float())
-        self.log(f"{prefix}/x0_mse_t/mean_predictor", (sums["mean_x0_mse"] / n).float())
+        means = diagnostic_means(sums, self.diffusion.num_timesteps)
+        for t, loss, x0_mse in zip(means["t"], means["loss"], means["x0_mse"]):
+            self.log(f"{prefix}/loss_t/{t:04d}", loss)
+            self.log(f"{prefix}/x0_mse_t/{t:04d}", x0_mse)
+        self.log(f"{prefix}/x0_mse_t/mean_predictor", means["mean_predictor_x0_mse"])
 
     def on_validation_epoch_end(self) -> None:
         self._log_diagnostic("val")
