@@ -14,6 +14,7 @@ from gpsr.loading import build_flow, build_latent_diffusion, read_checkpoint
 from gpsr.models.flow import DegradationFlow
 from gpsr.pipeline import IndexNoise, LatentStats, super_resolve_signed
 from gpsr.projection import project_consistent_box
+from gpsr.tiling import Tiling
 from gpsr.utils.errors import ConfigError
 
 __all__ = ["GPSR"]
@@ -78,8 +79,9 @@ class GPSR(nn.Module):
         seed: int | None = None,
         indices: list[int] | None = None,
         spacing: str = "linspace",
+        tiling: Tiling | None = None,
     ) -> torch.Tensor:
-        """Super-resolve LR images.
+        """Super-resolve LR images of any size.
 
         lr: (N, C, h, w) float in [0, 1] (not rounded), on any device.
         steps: UNet evaluations (7 in the paper; 0 = flow-only sampling).
@@ -88,6 +90,10 @@ class GPSR(nn.Module):
         generator / seed + indices: randomness; `seed` with `indices` makes each image's
         samples independent of batching.
         spacing: timesteps visited, "linspace" (the paper) or "trailing".
+        tiling: how large images are split (`gpsr.tiling.Tiling`); the default runs the UNet
+        on overlapping tiles of its training size and the flow inverse on 128 x 128 coarse
+        tiles with an exact halo, so memory is bounded by the tile; `Tiling.whole()` runs
+        every image in one piece.
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
         """
         if lr.dim() != 4 or lr.shape[1] != self.flow.channels:
@@ -127,6 +133,7 @@ class GPSR(nn.Module):
                 eta=eta,
                 noise_fn=noise,
                 spacing=spacing,
+                tiling=Tiling() if tiling is None else tiling,
             )
             x = ops.to_unit(x)
             if project:

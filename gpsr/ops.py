@@ -6,12 +6,18 @@ the sampler alike (docs/method.md §1, §2, §8). Images are float tensors shape
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+from gpsr.banded import (
+    degradation_band,
+    dense_degradation,
+    gram_inverse_band,
+    separable,
+    separable_adjoint,
+)
 from gpsr.utils.errors import ConfigError
 
 __all__ = [
@@ -22,7 +28,6 @@ __all__ = [
     "modcrop",
     "degrade",
     "degradation_matrix",
-    "pinv_matrix",
     "pseudoinverse",
     "haar2d",
     "haar_logdet",
@@ -94,42 +99,26 @@ def degrade(x: torch.Tensor, scale: int) -> torch.Tensor:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _matrices64(n: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, A^+) in float64 on the CPU for one side of length n."""
-    # Rows only: the width keeps scale 1, where the antialiased bicubic kernel is the identity.
-    eye = torch.eye(n, dtype=torch.float64).reshape(1, 1, n, n)
-    a = F.interpolate(
-        eye, size=(n // scale, n), mode="bicubic", antialias=True, align_corners=False
-    )[0, 0]
-    return a, torch.linalg.pinv(a)
-
-
 def degradation_matrix(
     n: int, scale: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """The 1-D factor `A` of `D_s`: (n/s, n), so that `degrade(x) = A_h x A_w^T` per channel."""
+    """The 1-D factor `A` of `D_s` as a dense matrix (n/s, n), so that `degrade(x) = A_h x A_w^T`
+    per channel. O(n^2) memory: the projections use its banded form (`gpsr.banded`)."""
     check_divisible(n, n, scale, what="side")
-    return _matrices64(n, scale)[0].to(device=device, dtype=dtype)
-
-
-def pinv_matrix(
-    n: int, scale: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Moore-Penrose pseudoinverse `A^+` of the 1-D factor: (n, n/s), from an SVD in float64."""
-    check_divisible(n, n, scale, what="side")
-    return _matrices64(n, scale)[1].to(device=device, dtype=dtype)
+    return dense_degradation(n, scale).to(device=device, dtype=dtype)
 
 
 def pseudoinverse(y: torch.Tensor, scale: int) -> torch.Tensor:
     """Linear Moore-Penrose pseudoinverse `D_s^+ y = A_h^+ y A_w^+T` (docs/method.md §8, Remark 1).
 
+    `A^+ = A^T (A A^T)^-1` on each side, applied in linear time (`gpsr.banded`).
     y: (N, C, h, w) -> (N, C, h*s, w*s), minimum-norm solution of `degrade(x) = y`.
     """
     h, w = y.shape[-2:]
-    ph = pinv_matrix(h * scale, scale, y.dtype, y.device)
-    pw = pinv_matrix(w * scale, scale, y.dtype, y.device)
-    return ph @ y @ pw.T
+    a_h, a_w = degradation_band(h * scale, scale), degradation_band(w * scale, scale)
+    k_h, k_w = gram_inverse_band(h * scale, scale), gram_inverse_band(w * scale, scale)
+    y64 = y.to(torch.promote_types(y.dtype, torch.float64))
+    return separable_adjoint(a_h, a_w, separable(k_h, k_w, y64)).to(y.dtype)
 
 
 def haar2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,9 @@ from torch import nn
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, diagnostic_timesteps
 from gpsr.models.flow import DegradationFlow
-from gpsr.utils.errors import ConfigError
+from gpsr.tiling import TiledDenoiser, Tiling, tiled_inverse
+from gpsr.utils.device import available_memory
+from gpsr.utils.errors import ConfigError, TooLargeError
 
 __all__ = [
     "LatentStats",
@@ -123,6 +125,18 @@ class IndexNoise:
         return seeded_normal(shape[1:], self.indices, self.seed * 7919 + self.calls, self.device)
 
 
+def _check_whole_latent(unet: nn.Module, shape: tuple[int, ...], device: torch.device) -> None:
+    """Refuse, in one line, a whole-latent UNet call whose global attention cannot fit."""
+    need = unet.attention_bytes(shape[-2], shape[-1], shape[0])
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise TooLargeError(
+            f"a latent of {shape[-1]}x{shape[-2]} without tiling needs {need / 2**30:.1f} GiB "
+            f"for the UNet's global attention ({free / 2**30:.1f} GiB available); set "
+            f"sampler.tile=auto (tiles of the UNet's training size) or a tile side"
+        )
+
+
 @torch.no_grad()
 def super_resolve_signed(
     flow: DegradationFlow,
@@ -134,12 +148,16 @@ def super_resolve_signed(
     eta: float = 1.0,
     noise_fn=None,
     spacing: str = "linspace",
+    tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """GPSR sampling (Algorithm 3): lr (N, C, h, w) in [-1, 1] -> x (N, C, s*h, s*w) in about [-1, 1].
 
     `steps` UNet evaluations in the normalised latent space, then one flow inverse.
     steps = 0 is flow-only sampling: z ~ N(0, I) straight into the flow (Remark 3).
+    `tiling` (None: the whole image at once) runs the UNet on overlapping latent tiles and
+    the flow inverse on tiles with a halo (`gpsr.tiling`), so memory is bounded by the tile.
     """
+    tiling = tiling or Tiling.whole()
     draw = noise_fn or (lambda s: torch.randn(s, device=lr.device))
     coarse = ops.upsample_nearest(lr, flow.k)
     shape = (lr.shape[0], *flow.latent_shape(*lr.shape[-2:]))
@@ -150,8 +168,14 @@ def super_resolve_signed(
             raise ConfigError(
                 "sampling with steps > 0 needs a UNet, a diffusion and latent statistics"
             )
+        tile = tiling.unet_tile(unet)
+        if tile is None or (shape[-2] <= tile and shape[-1] <= tile):
+            model = unet
+            _check_whole_latent(unet, shape, lr.device)
+        else:
+            model = TiledDenoiser(unet, tile, tiling.unet_overlap(tile), tiling.batch)
         zhat = diffusion.sample(
-            unet,
+            model,
             coarse,
             shape,
             steps=steps,
@@ -161,7 +185,7 @@ def super_resolve_signed(
             spacing=spacing,
         )
         z = stats.denormalise(zhat)
-    return flow.inverse(coarse, z)
+    return tiled_inverse(flow, coarse, z, tiling.flow_tile, tiling.halo(flow))
 
 
 @torch.no_grad()

@@ -1,18 +1,34 @@
 """Exact consistency with the LR input (docs/method.md §8): project a sample onto the images
 that degrade to it, `D_s(x') = y`, optionally inside the [0, 1] box.
 
-Both projections use the separable degradation matrices of `gpsr.ops`. Images are float
-tensors (N, C, H, W) with LR (N, C, H/s, W/s) in the same units.
+Both projections use the linear-time separable operators of `gpsr.banded`, so their cost
+grows with the number of pixels. Images are float tensors (N, C, H, W) with LR
+(N, C, H/s, W/s) in the same units.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from gpsr.ops import degradation_matrix, degrade, pseudoinverse
+from gpsr.banded import degradation_band, separable
+from gpsr.ops import degrade, pseudoinverse
 from gpsr.utils.errors import ConfigError
 
 __all__ = ["project_consistent", "project_consistent_box"]
+
+
+def _check_shapes(x: torch.Tensor, y: torch.Tensor, scale: int, name: str) -> None:
+    if (
+        x.dim() != 4
+        or y.shape[:2] != x.shape[:2]
+        or y.shape[-2] * scale != x.shape[-2]
+        or y.shape[-1] * scale != x.shape[-1]
+    ):
+        raise ConfigError(
+            f"{name}: x {tuple(x.shape)} and y {tuple(y.shape)} do not match scale {scale}"
+        )
 
 
 def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Tensor:
@@ -21,32 +37,171 @@ def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Te
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (N, C, H, W), consistent to float
     precision. Not clamped: see `project_consistent_box` for outputs that must stay in a range.
     """
-    if y.shape[-2] * scale != x.shape[-2] or y.shape[-1] * scale != x.shape[-1]:
-        raise ConfigError(
-            f"project_consistent: x {tuple(x.shape)} and y {tuple(y.shape)} do not match scale {scale}"
-        )
+    _check_shapes(x, y, scale, "project_consistent")
     return x + pseudoinverse(y - degrade(x, scale), scale)
 
 
-def _batched_cg(matvec, b: torch.Tensor, iters: int, rtol: float = 1e-13) -> torch.Tensor:
-    """Conjugate gradients for independent SPD systems, one per (..., h, w) slice of b."""
+# ---------------------------------------------------------------------- box projection
+#
+# The Euclidean projection onto {D x' = y} intersected with the box is `x' = clamp(z)`,
+# z = x + D^T lam, for the lam that maximises the concave dual
+#     q(lam) = ||x' - x||^2 / 2 + <lam, y - D x'> = sum_p g_p(z_p) + <lam, y>,
+#     g_p(z) = (clamp(z) - x_p)^2 / 2 - (z - x_p) clamp(z),
+# a sum over HR pixels plus a linear term. An LR pixel's multiplier only reaches the HR pixels
+# under its bicubic support, so the dual splits into blocks of LR pixels that interact only
+# through a few pixels at their borders. The dual is maximised block by block (block
+# coordinate ascent, in four colours so that blocks solved together never share an HR pixel),
+# each block by a semi-smooth Newton method with its own line search, and the sweeps repeat
+# until the whole image is consistent. A hard region (a saturated background, where many
+# pixels sit on a bound) then costs iterations in its own blocks only, and the work grows
+# with the number of pixels.
+
+
+def _block_edges(h: int, block: int, shift: int) -> list[int]:
+    """Edges of LR blocks of side `block` along a side of h pixels, the grid moved by `shift`."""
+    inner = range(shift if shift else block, h, block)
+    return [0, *[e for e in inner if 0 < e < h], h]
+
+
+@functools.lru_cache(maxsize=32)
+def _block_factors(n_hr: int, scale: int, block: int, shift: int):
+    """One side's blocks: ranges [(i0, i1, p0, p1)] ([p0, p1): the HR pixels under LR rows
+    i0..i1-1) and the local factors `A[i0:i1, p0:p1]` stacked and zero-padded to
+    (blocks, max rows, max cols), float64 on the CPU."""
+    op = degradation_band(n_hr, scale)
+    edges = _block_edges(n_hr // scale, block, shift)
+    ranges, factors = [], []
+    for i0, i1 in zip(edges[:-1], edges[1:]):
+        rows = op.adjoint(torch.eye(n_hr // scale, dtype=torch.float64)[i0:i1])  # A[i0:i1, :]
+        cols = rows.abs().amax(0).nonzero().flatten()
+        p0, p1 = int(cols[0]), int(cols[-1]) + 1
+        ranges.append((i0, i1, p0, p1))
+        factors.append(rows[:, p0:p1])
+    stack = torch.zeros(
+        len(ranges), max(f.shape[0] for f in factors), max(f.shape[1] for f in factors),
+        dtype=torch.float64,
+    )  # fmt: skip
+    for k, f in enumerate(factors):
+        stack[k, : f.shape[0], : f.shape[1]] = f
+    return ranges, stack
+
+
+def _sum(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).sum(1)
+
+
+def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters: int):
+    """Jacobi-preconditioned conjugate gradients for independent SPD systems (one per
+    leading index); stops each system at relative residual `rtol` (n,)."""
     x = torch.zeros_like(b)
     r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum((-2, -1), keepdim=True)
-    stop = (rtol**2) * rs.clamp(min=1e-300)
+    zt = r / diag
+    p = zt.clone()
+    rz = _sum(r * zt)
+    stop = (rtol**2) * _sum(b * b)
     for _ in range(iters):
         ap = matvec(p)
-        pap = (p * ap).sum((-2, -1), keepdim=True)
-        alpha = torch.where(pap > 0, rs / pap.clamp(min=1e-300), torch.zeros_like(pap))
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = (r * r).sum((-2, -1), keepdim=True)
-        if bool((rs_new <= stop).all()):
+        pap = _sum(p * ap)
+        alpha = torch.where(pap > 0, rz / pap.clamp(min=1e-300), torch.zeros_like(pap))
+        x = x + alpha[:, None, None] * p
+        r = r - alpha[:, None, None] * ap
+        if bool((_sum(r * r) <= stop).all()):
             break
-        p = r + torch.where(rs > 0, rs_new / rs.clamp(min=1e-300), torch.zeros_like(rs)) * p
-        rs = rs_new
+        zt = r / diag
+        rz_new = _sum(r * zt)
+        beta = torch.where(rz > 0, rz_new / rz.clamp(min=1e-300), torch.zeros_like(rz))
+        p = zt + beta[:, None, None] * p
+        rz = rz_new
     return x
+
+
+def _newton_blocks(
+    ah: torch.Tensor,
+    aw: torch.Tensor,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    y: torch.Tensor,
+    lam: torch.Tensor,
+    low: float,
+    high: float,
+    tol: float,
+    budget: torch.Tensor,
+    clamped_weight: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximise each block's dual by semi-smooth Newton with Armijo backtracking.
+
+    Block k: ah (k, b, P), aw (k, b, Q) the local factors; x, base (k, P, Q) the sample and
+    `z - A_h^T lam A_w` on the block's HR pixels; y, lam (k, b, b); budget (k,) long, the
+    most Newton steps it may take. A block stops once the mean of its squared residual is at
+    most `tol`. Each step solves `A M A^T delta = r` (M: the unclamped pixels) by
+    Jacobi-preconditioned CG, to a relative accuracy that tightens as the residual falls.
+    When every pixel under an LR pixel is clamped that system is singular and Newton
+    stalls, so a block whose line search had to backtrack gives its clamped pixels the small
+    weight `clamped_weight` (clamped pixels can come back), shrinking tenfold after every
+    full step, which keeps Newton's fast local convergence on well-behaved blocks.
+    Returns (lam, Newton steps taken (k,)).
+    """
+    n = lam.shape[0]
+    ah2, aw2 = ah * ah, aw * aw
+    ridge = 1e-10 * float((ah2.sum(-1).amax(1) * aw2.sum(-1).amax(1)).mean())
+
+    def lift(i, v):  # A_h^T v A_w: (k, b, b) -> (k, P, Q)
+        return ah[i].transpose(1, 2) @ v @ aw[i]
+
+    def down(i, u, sq=False):  # A_h u A_w^T: (k, P, Q) -> (k, b, b)
+        a, w = (ah2[i], aw2[i]) if sq else (ah[i], aw[i])
+        return a @ u @ w.transpose(1, 2)
+
+    def state(i, lam_i):
+        """z, residual r, dual objective q and consistency of blocks i at lam_i."""
+        z = base[i] + lift(i, lam_i)
+        xp = z.clamp(low, high)
+        r = y[i] - down(i, xp)
+        q = _sum(0.5 * (xp - x[i]) ** 2 - (z - x[i]) * xp) + _sum(lam_i * y[i])
+        return z, r, q, (r * r).flatten(1).mean(1)
+
+    z, r, q, err = state(torch.arange(n), lam)
+    err0 = err.clamp(min=1e-300)
+    iters = torch.zeros(n, dtype=torch.long)
+    weight = torch.zeros(n, dtype=torch.float64)
+    while True:
+        live = ((err > tol) & (iters < budget)).nonzero().flatten()
+        if live.numel() == 0:
+            break
+        iters[live] += 1
+        zl, rl, ql, lam_l = z[live], r[live], q[live], lam[live]
+        free = ((zl >= low) & (zl <= high)).double()
+        mask = free + (1.0 - free) * weight[live, None, None]
+
+        def normal(v, i=live, m=mask):
+            return down(i, m * lift(i, v)) + ridge * v
+
+        # Inexact Newton: the systems are solved more accurately as the residual falls.
+        rtol = (err[live] / err0[live]).sqrt().clamp(min=1e-12, max=0.1)
+        delta = _pcg(normal, down(live, mask, sq=True) + ridge, rl, rtol, iters=200)
+        # Armijo backtracking on the concave dual, whose gradient is r: delta is an ascent
+        # direction, so a small enough step always increases q.
+        slope = _sum(rl * delta)
+        step = torch.ones(live.numel(), dtype=torch.float64)
+        done = torch.zeros(live.numel(), dtype=torch.bool)
+        new = (zl, rl, ql, err[live])
+        for _ in range(40):
+            cand = lam_l + step[:, None, None] * delta
+            trial = state(live, cand)
+            ok = ~done & (trial[2] >= ql + 1e-4 * step * slope)
+            lam_l = torch.where(ok[:, None, None], cand, lam_l)
+            new = tuple(
+                torch.where(ok.reshape(-1, *[1] * (t.dim() - 1)), t, o) for t, o in zip(trial, new)
+            )
+            done |= ok
+            if bool(done.all()):
+                break
+            step = torch.where(done, step, step * 0.5)
+        lam[live] = lam_l
+        z[live], r[live], q[live], err[live] = new
+        full = step == 1.0
+        weight[live] = torch.where(full, weight[live] * 0.1, torch.full_like(step, clamped_weight))
+    return lam, iters
 
 
 def project_consistent_box(
@@ -57,75 +212,109 @@ def project_consistent_box(
     high: float = 1.0,
     tol: float = 1e-13,
     max_iter: int = 300,
-    clamped_weight: float = 1e-3,
+    sweep_iter: int = 30,
+    block: int = 16,
+    max_sweeps: int = 30,
+    chunk: int = 2**22,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
-    The Euclidean projection onto {D_s x = y} intersected with the box has the form
-    `x' = clamp(x + D_s^T lam)` with `D_s x' = y`; lam maximises the concave dual
-    `q(lam) = ||x' - x||^2 / 2 + <lam, y - D_s x'>` by a semi-smooth Newton method with Armijo
-    backtracking, whose linear systems `D M D^T` (M: unclamped pixels) are solved by conjugate
-    gradients on the separable operator. When every pixel under some LR pixel is clamped
-    (saturated images) that exact generalised Hessian is singular and Newton stalls; an
-    image whose line search had to backtrack therefore gives its clamped pixels the small
-    weight `clamped_weight` instead of 0 (regular system, clamped pixels can come back), and
-    the weight shrinks tenfold after every full step, so well-behaved images keep Newton's
-    quadratic convergence. Every iterate lies in the box; an image stops once its
-    consistency `mean((D_s(x') - y)^2)` is at most `tol`. Computed in float64.
-    x: (N, C, H, W), y: (N, C, H/s, W/s), same units, y reachable inside the box ->
-    (x' (N, C, H, W) in [low, high], Newton iterations per image (N,) long).
+    `x' = clamp(x + D_s^T lam)` with lam maximising the concave dual, block by block (see the
+    comment above `_block_edges`); each block by semi-smooth Newton (`_newton_blocks`, at
+    most `sweep_iter` steps per visit). Each (image, channel) is its own problem. The LR
+    image is cut into `block` x `block` blocks, solved together up to `chunk` HR pixels at a
+    time, so memory is bounded by the chunk and work grows with the number of pixels. Sweeps visit the four
+    colours of blocks, the block grid moving by half a block from one sweep to the next (a
+    border between two blocks lies inside a block in the next sweep), until every image's
+    consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken `max_iter`
+    Newton steps (counted as the most any of its blocks took in a sweep, summed over the
+    sweeps), a sweep gains less than 10 % (an LR image that no image in the box can
+    produce), or after `max_sweeps`. Computed in float64; every output pixel lies in the box.
+    x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (x' (N, C, H, W) in [low, high],
+    Newton steps per image (N,) long).
     """
-    n = x.shape[0]
-    x64, y64 = x.double(), y.double()
-    ah = degradation_matrix(x.shape[-2], scale, torch.float64, x.device)
-    aw = degradation_matrix(x.shape[-1], scale, torch.float64, x.device)
-    ridge = 1e-10 * float((ah @ ah.T).diagonal().mean() * (aw @ aw.T).diagonal().mean())
-
-    def lift(lam: torch.Tensor) -> torch.Tensor:  # D^T: (.., h, w) -> (.., H, W)
-        return ah.T @ lam @ aw
-
-    def state(lam: torch.Tensor):
-        """x'(lam), residual r = y - D x', dual objective q and consistency per image."""
-        z = x64 + lift(lam)
-        xp = z.clamp(low, high)
-        r = y64 - ah @ xp @ aw.T
-        q = 0.5 * ((xp - x64) ** 2).flatten(1).sum(1) + (lam * r).flatten(1).sum(1)
-        return z, xp, r, q, (r**2).flatten(1).mean(1)
-
+    _check_shapes(x, y, scale, "project_consistent_box")
+    n, c, H, W = x.shape
+    h, w = H // scale, W // scale
+    x64 = x.reshape(n * c, H, W).to(torch.float64)
+    y64 = y.reshape(n * c, h, w).to(torch.float64)
+    op_h, op_w = degradation_band(H, scale), degradation_band(W, scale)
     lam = torch.zeros_like(y64)
-    z, xp, r, q, err = state(lam)
-    iters = torch.zeros(n, dtype=torch.long)
-    weight = torch.zeros(n, 1, 1, 1, dtype=torch.float64, device=x.device)
-    for _ in range(max_iter):
-        active = err > tol
-        if not bool(active.any()):
+    z = x64.clone()
+    steps = torch.zeros(n * c, dtype=torch.long)
+
+    def residual() -> torch.Tensor:
+        return y64 - separable(op_h, op_w, z.clamp(low, high))
+
+    history = []
+    for sweep in range(max_sweeps):
+        r = residual()
+        err = (r * r).flatten(1).mean(1)
+        busy = (err > tol) & (steps < max_iter)
+        if len(history) >= 2:  # no progress over a pair of sweeps: y may be out of reach
+            busy &= err < 0.9 * history[-2]
+        if not bool(busy.any()):
             break
-        iters[active.cpu()] += 1
-        # Pixels on a bound count as free (a valid element of the generalised Jacobian);
-        # clamped ones keep a small weight (see the docstring).
-        free = ((z >= low) & (z <= high)).double()
-        mask = free + (1.0 - free) * weight
+        history.append(err)
+        # Regions that stay hard are solved together in larger blocks (up to 512 HR pixels).
+        side = max(block, min(block * 2 ** (sweep // 2), 512 // scale))
+        shift = side // 2 if sweep % 2 else 0
+        rows, ah_all = _block_factors(H, scale, side, shift)
+        cols, aw_all = _block_factors(W, scale, side, shift)
+        ah_all, aw_all = ah_all.to(x.device), aw_all.to(x.device)
+        taken = torch.zeros(n * c, dtype=torch.long)
+        for colour in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            if colour != (0, 0):
+                r = residual()
+            todo = [
+                (si, bi, bj)
+                for si in busy.nonzero().flatten().tolist()
+                for bi in range(colour[0], len(rows), 2)
+                for bj in range(colour[1], len(cols), 2)
+                if float(r[si, rows[bi][0] : rows[bi][1], cols[bj][0] : cols[bj][1]].pow(2).mean())
+                > tol / 4
+            ]
+            per_chunk = max(1, chunk // (ah_all.shape[2] * aw_all.shape[2]))
+            for start in range(0, len(todo), per_chunk):
+                part = todo[start : start + per_chunk]
+                budget = (max_iter - steps[[p[0] for p in part]]).clamp(max=sweep_iter)
+                its = _solve_blocks(
+                    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, low, high, tol / 4, budget
+                )
+                for (si, _, _), k in zip(part, its.tolist()):
+                    taken[si] = max(int(taken[si]), k)
+        steps += taken
+    xp = z.clamp(low, high).to(x.dtype).reshape(x.shape)
+    return xp, steps.reshape(n, c).amax(1)
 
-        def normal_op(v: torch.Tensor, m: torch.Tensor = mask) -> torch.Tensor:
-            return ah @ (m * lift(v)) @ aw.T + ridge * v
 
-        delta = _batched_cg(normal_op, r, iters=500)
-        # Armijo backtracking on the concave dual q, whose gradient is r: delta is an ascent
-        # direction (<r, delta> > 0), so a small enough step always increases q.
-        slope = (r * delta).flatten(1).sum(1)
-        step = torch.ones(n, dtype=torch.float64, device=x.device)
-        done = ~active
-        for _ in range(40):
-            cand = lam + step[:, None, None, None] * delta
-            z_c, xp_c, r_c, q_c, err_c = state(cand)
-            ok = ~done & (q_c >= q + 1e-4 * step * slope)
-            keep = ok[:, None, None, None]
-            lam = torch.where(keep, cand, lam)
-            done |= ok
-            if bool(done.all()):
-                break
-            step = torch.where(done, step, step * 0.5)
-        full = (step == 1.0)[:, None, None, None]
-        weight = torch.where(full, weight * 0.1, torch.full_like(weight, clamped_weight))
-        z, xp, r, q, err = state(lam)
-    return xp.to(x.dtype), iters
+def _solve_blocks(
+    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, low, high, tol, budget
+) -> torch.Tensor:
+    """Solve the blocks `part` [(slice, block row, block col)] within `budget` (k,) Newton
+    steps each, write lam and z back; returns the steps taken (k,)."""
+    bi = torch.tensor([p[1] for p in part])
+    bj = torch.tensor([p[2] for p in part])
+    ah, aw = ah_all[bi], aw_all[bj]
+    k = len(part)
+    P, Q, b1, b2 = ah.shape[2], aw.shape[2], ah.shape[1], aw.shape[1]
+    xs = x64.new_zeros(k, P, Q)
+    zs = x64.new_zeros(k, P, Q)
+    ys = x64.new_zeros(k, b1, b2)
+    ls = x64.new_zeros(k, b1, b2)
+    for j, (si, r, c) in enumerate(part):
+        i0, i1, p0, p1 = rows[r]
+        j0, j1, q0, q1 = cols[c]
+        xs[j, : p1 - p0, : q1 - q0] = x64[si, p0:p1, q0:q1]
+        zs[j, : p1 - p0, : q1 - q0] = z[si, p0:p1, q0:q1]
+        ys[j, : i1 - i0, : j1 - j0] = y64[si, i0:i1, j0:j1]
+        ls[j, : i1 - i0, : j1 - j0] = lam[si, i0:i1, j0:j1]
+    base = zs - ah.transpose(1, 2) @ ls @ aw
+    ls, its = _newton_blocks(ah, aw, xs, base, ys, ls, low, high, tol, budget)
+    zs = base + ah.transpose(1, 2) @ ls @ aw
+    for j, (si, r, c) in enumerate(part):
+        i0, i1, p0, p1 = rows[r]
+        j0, j1, q0, q1 = cols[c]
+        z[si, p0:p1, q0:q1] = zs[j, : p1 - p0, : q1 - q0]
+        lam[si, i0:i1, j0:j1] = ls[j, : i1 - i0, : j1 - j0]
+    return its

@@ -120,11 +120,18 @@ class DegradationFlow(nn.Module):
         self.scale = int(scale)
         self.k = self.scale // 2
         self.channels = channels
+        self.num_blocks, self.num_convs = num_blocks, num_convs
         self.blocks = nn.ModuleList(
             CouplingBlock(channels, num_convs, growth, clamp) for _ in range(num_blocks)
         )
         # Activation checkpointing per block (see gpsr.utils.speed.apply_speedups).
         self.checkpointing = False
+
+    @property
+    def receptive_radius(self) -> int:
+        """How far (in coarse pixels) an output of `forward` or `inverse` can depend on its
+        input: each coupling runs two dense blocks of `num_convs` 3x3 convs in sequence."""
+        return 2 * self.num_blocks * self.num_convs
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:

@@ -169,7 +169,10 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels = model_channels
         self.levels = len(channel_mult)
+        self.image_size, self.num_heads = image_size, num_heads
         attn_ds = {image_size // r for r in attention_resolutions}
+        # Down-sampling factors where attention runs (the middle block runs at the deepest).
+        self.attention_factors = sorted(attn_ds | {2 ** (self.levels - 1)})
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -209,6 +212,12 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             _norm(ch), nn.SiLU(), _zero(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         )
+
+    def attention_bytes(self, height: int, width: int, batch: int = 1) -> int:
+        """Bytes of the largest float32 attention matrix for inputs (batch, C, height, width):
+        self-attention is global, so this grows with the square of the area."""
+        tokens = max((height // f) * (width // f) for f in self.attention_factors)
+        return 4 * batch * self.num_heads * tokens * tokens
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         div = 2 ** (self.levels - 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pick_device", "synchronize"]
+__all__ = ["pick_device", "synchronize", "available_memory"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -18,3 +18,18 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued CUDA work (for timing); nothing to do on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (CUDA: free memory; CPU: the kernel's
+    MemAvailable), or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -8,7 +8,7 @@ like keep working.
 
 from __future__ import annotations
 
-__all__ = ["GPSRError", "ConfigError", "InputNotFoundError", "OutputError"]
+__all__ = ["GPSRError", "ConfigError", "InputNotFoundError", "OutputError", "TooLargeError"]
 
 
 class GPSRError(Exception):
@@ -25,3 +25,7 @@ class InputNotFoundError(GPSRError, FileNotFoundError):
 
 class OutputError(GPSRError, PermissionError):
     """An output place that cannot be written (not writable, disk full, a file in the way)."""
+
+
+class TooLargeError(GPSRError, MemoryError):
+    """An input that would need more memory than the machine has, with the setting that helps."""

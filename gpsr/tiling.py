@@ -1,0 +1,209 @@
+"""Inference on images of any size with memory bounded by a tile, not by the image.
+
+Two pieces, used by `gpsr.pipeline.super_resolve_signed`:
+
+- `TiledDenoiser`: the UNet runs on overlapping latent tiles of its training size, in
+  batches, and the tiles' outputs are blended with smooth weights into one output for the
+  whole latent (the MultiDiffusion idea, Bar-Tal et al. 2023). The sampler then takes its
+  one DDIM update on the whole latent, so the noise and the update know nothing of tiles.
+- `tiled_inverse`: the flow inverse on non-overlapping tiles of the coarse space, each
+  computed with a halo of context. The flow is convolutional, so a halo at least its
+  receptive radius (`DegradationFlow.receptive_radius`) gives the whole-image result.
+
+Tile settings are gathered in `Tiling` (the `sampler.tile*` / `sampler.flow_*` settings).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpsr.utils.errors import ConfigError
+
+__all__ = ["Tiling", "tile_starts", "blend_window", "TiledDenoiser", "tiled_inverse"]
+
+AUTO = "auto"
+
+
+def _setting(value, name: str, allow_zero: bool = False) -> int | str | None:
+    """A tile setting: None, "auto" or a positive (or, if allowed, zero) integer."""
+    if value is None or value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        low = "0 or more" if allow_zero else "a positive integer"
+        raise ConfigError(f"sampler.{name} must be {low}, 'auto' or null, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a large image is split (settings `sampler.tile`, `tile_overlap`, `tile_batch`,
+    `flow_tile`, `flow_halo`).
+
+    tile: latent tile side of the UNet; "auto" = the UNet's training size (`image_size`),
+        None = the whole latent in one call (global attention: memory grows with the square
+        of the area).
+    overlap: latent pixels shared by neighbouring tiles; "auto" = tile / 4.
+    batch: tiles per UNet call.
+    flow_tile: coarse-space tile side of the flow inverse; None = the whole image.
+    flow_halo: context around each flow tile; "auto" = the flow's receptive radius (exact).
+    """
+
+    tile: int | str | None = AUTO
+    overlap: int | str = AUTO
+    batch: int = 16
+    flow_tile: int | None = 128
+    flow_halo: int | str = AUTO
+
+    def __post_init__(self):
+        _setting(self.tile, "tile")
+        if self.overlap is None:
+            raise ConfigError("sampler.tile_overlap must be 0 or more or 'auto', got null")
+        _setting(self.overlap, "tile_overlap", allow_zero=True)
+        if _setting(self.batch, "tile_batch") is None or self.batch == AUTO:
+            raise ConfigError(f"sampler.tile_batch must be a positive integer, got {self.batch!r}")
+        if self.flow_tile == AUTO:
+            raise ConfigError("sampler.flow_tile must be a positive integer or null, got 'auto'")
+        _setting(self.flow_tile, "flow_tile")
+        if self.flow_halo is None:
+            raise ConfigError("sampler.flow_halo must be 0 or more or 'auto', got null")
+        _setting(self.flow_halo, "flow_halo", allow_zero=True)
+
+    @classmethod
+    def whole(cls) -> Tiling:
+        """No tiling at all: the whole latent through the UNet and the flow at once."""
+        return cls(tile=None, flow_tile=None)
+
+    @classmethod
+    def from_config(cls, sampler) -> Tiling:
+        """From a config block with keys tile, tile_overlap, tile_batch, flow_tile, flow_halo."""
+        return cls(
+            tile=sampler.get("tile", AUTO),
+            overlap=sampler.get("tile_overlap", AUTO),
+            batch=sampler.get("tile_batch", 16),
+            flow_tile=sampler.get("flow_tile", 128),
+            flow_halo=sampler.get("flow_halo", AUTO),
+        )
+
+    def unet_tile(self, unet: nn.Module) -> int | None:
+        """The latent tile side for this UNet (None: no tiling); checked against its divisor."""
+        if self.tile is None:
+            return None
+        tile = int(getattr(unet, "image_size", 0)) if self.tile == AUTO else int(self.tile)
+        div = 2 ** (getattr(unet, "levels", 1) - 1)
+        if tile < 1 or tile % div:
+            raise ConfigError(
+                f"sampler.tile={self.tile} gives latent tiles of {tile}: they must be positive "
+                f"multiples of {div}, the UNet's down-sampling factor"
+            )
+        return tile
+
+    def unet_overlap(self, tile: int) -> int:
+        """Latent overlap between tiles of side `tile` (< tile)."""
+        overlap = tile // 4 if self.overlap == AUTO else int(self.overlap)
+        if overlap >= tile:
+            raise ConfigError(
+                f"sampler.tile_overlap={overlap} must be smaller than the tile ({tile})"
+            )
+        return overlap
+
+    def halo(self, flow: nn.Module) -> int:
+        """Coarse-space context around each flow tile."""
+        return flow.receptive_radius if self.flow_halo == AUTO else int(self.flow_halo)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles of side `tile` that cover [0, size), neighbours sharing at least
+    `overlap` pixels, spread evenly from 0 to size - tile. size <= tile -> [0] (one tile of
+    side `size`)."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((size - tile) / stride) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def blend_window(side: int, overlap: int) -> torch.Tensor:
+    """1-D blending weights (side,) float64 in (0, 1]: a raised-cosine ramp over the first
+    and last `overlap` pixels, 1 in between. Every weight is positive, so a pixel that only
+    one tile covers keeps that tile's value after normalisation."""
+    i = torch.arange(side, dtype=torch.float64)
+    if overlap <= 0:
+        return torch.ones(side, dtype=torch.float64)
+    edge = torch.minimum(i + 0.5, side - i - 0.5) / overlap
+    return torch.sin(0.5 * math.pi * edge.clamp(max=1.0)) ** 2
+
+
+class TiledDenoiser(nn.Module):
+    """A network applied tile by tile: x (N, C_in, H, W), t (N,) -> (N, C_out, H, W).
+
+    Tiles of side `tile` (or the whole side, if smaller) overlap by at least `overlap`; each
+    output pixel is the weighted mean of the outputs of the tiles covering it, with weights
+    `blend_window` (outer product). An input no larger than one tile goes through the
+    network unchanged. Peak memory is that of `batch` tiles plus the output.
+    """
+
+    def __init__(self, model: nn.Module, tile: int, overlap: int, batch: int = 16):
+        super().__init__()
+        self.model, self.tile, self.overlap, self.batch = model, tile, overlap, batch
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if h <= self.tile and w <= self.tile:
+            return self.model(x, t)
+        th, tw = min(self.tile, h), min(self.tile, w)
+        ys, xs = tile_starts(h, th, self.overlap), tile_starts(w, tw, self.overlap)
+        wy = blend_window(th, self.overlap if len(ys) > 1 else 0)
+        wx = blend_window(tw, self.overlap if len(xs) > 1 else 0)
+        weight = (wy[:, None] * wx[None, :]).to(x.device, x.dtype)
+        total = torch.zeros(h, w, dtype=x.dtype, device=x.device)
+        for y0 in ys:
+            for x0 in xs:
+                total[y0 : y0 + th, x0 : x0 + tw] += weight
+        out = None
+        places = [(i, y0, x0) for i in range(n) for y0 in ys for x0 in xs]
+        for start in range(0, len(places), self.batch):
+            chunk = places[start : start + self.batch]
+            crops = torch.stack([x[i, :, y0 : y0 + th, x0 : x0 + tw] for i, y0, x0 in chunk])
+            pred = self.model(crops, t[[i for i, _, _ in chunk]])
+            if out is None:
+                out = torch.zeros(n, pred.shape[1], h, w, dtype=pred.dtype, device=x.device)
+            pred = pred * weight.to(pred.dtype)
+            for (i, y0, x0), p in zip(chunk, pred):
+                out[i, :, y0 : y0 + th, x0 : x0 + tw] += p
+        return out / total.to(out.dtype)
+
+
+def tiled_inverse(
+    flow: nn.Module,
+    coarse: torch.Tensor,
+    latent: torch.Tensor,
+    tile: int | None,
+    halo: int,
+) -> torch.Tensor:
+    """`flow.inverse` on tiles: coarse (N, C, h, w), latent (N, 3C, h, w) -> (N, C, 2h, 2w).
+
+    Output tile (y0, x0) of side `tile` (coarse pixels) is decoded from the input region
+    grown by `halo` on every side (clipped to the image) and cropped back. With `halo` at
+    least the flow's receptive radius this equals `flow.inverse(coarse, latent)` up to float
+    rounding. `tile=None`, or an image no larger than one tile, decodes in one call.
+    """
+    h, w = coarse.shape[-2:]
+    if tile is None or (h <= tile and w <= tile):
+        return flow.inverse(coarse, latent)
+    out = coarse.new_empty(*coarse.shape[:-2], 2 * h, 2 * w)
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            top, left = max(0, y0 - halo), max(0, x0 - halo)
+            bottom, right = min(h, y1 + halo), min(w, x1 + halo)
+            part = flow.inverse(
+                coarse[..., top:bottom, left:right], latent[..., top:bottom, left:right]
+            )
+            out[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1] = part[
+                ..., 2 * (y0 - top) : 2 * (y1 - top), 2 * (x0 - left) : 2 * (x1 - left)
+            ]
+    return out
