@@ -53,8 +53,9 @@ def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Te
 # coordinate ascent, in four colours so that blocks solved together never share an HR pixel),
 # each block by a semi-smooth Newton method with its own line search, and the sweeps repeat
 # until the whole image is consistent. A hard region (a saturated background, where many
-# pixels sit on a bound) then costs iterations in its own blocks only, and the work grows
-# with the number of pixels.
+# pixels sit on a bound and the feasible set is thin) then costs iterations in its own
+# blocks only, instead of shrinking every step of a global Newton method, and the work
+# grows with the number of pixels.
 
 
 def _block_edges(h: int, block: int, shift: int) -> list[int]:
@@ -220,16 +221,18 @@ def project_consistent_box(
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
     `x' = clamp(x + D_s^T lam)` with lam maximising the concave dual, block by block (see the
-    comment above `_block_edges`); each block by semi-smooth Newton (`_newton_blocks`, at
-    most `sweep_iter` steps per visit). Each (image, channel) is its own problem. The LR
-    image is cut into `block` x `block` blocks, solved together up to `chunk` HR pixels at a
-    time, so memory is bounded by the chunk and work grows with the number of pixels. Sweeps visit the four
-    colours of blocks, the block grid moving by half a block from one sweep to the next (a
-    border between two blocks lies inside a block in the next sweep), until every image's
-    consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken `max_iter`
-    Newton steps (counted as the most any of its blocks took in a sweep, summed over the
-    sweeps), a sweep gains less than 10 % (an LR image that no image in the box can
-    produce), or after `max_sweeps`. Computed in float64; every output pixel lies in the box.
+    comment above `_block_edges`), each block by semi-smooth Newton (`_newton_blocks`, at
+    most `sweep_iter` steps per visit). Each (image, channel) is its own problem. A sweep
+    cuts the LR image into blocks and visits their four colours; blocks are solved together
+    up to `chunk` HR pixels at a time, so memory is bounded by the chunk and work grows
+    with the number of pixels. From one sweep to the next the block grid moves by half a
+    block (a border between two blocks lies inside one in the next sweep), and every second
+    sweep the blocks double in side (from `block` LR pixels up to 512 HR pixels), so a hard
+    region that spans several blocks is finally solved as one. Sweeps repeat until every
+    image's consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken
+    `max_iter` Newton steps (the most any of its blocks took in a sweep, summed over the
+    sweeps; an LR image that no image in the box can produce ends here), or after
+    `max_sweeps`. Computed in float64; every output pixel lies in the box.
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (x' (N, C, H, W) in [low, high],
     Newton steps per image (N,) long).
     """
@@ -246,16 +249,12 @@ def project_consistent_box(
     def residual() -> torch.Tensor:
         return y64 - separable(op_h, op_w, z.clamp(low, high))
 
-    history = []
     for sweep in range(max_sweeps):
         r = residual()
         err = (r * r).flatten(1).mean(1)
         busy = (err > tol) & (steps < max_iter)
-        if len(history) >= 2:  # no progress over a pair of sweeps: y may be out of reach
-            busy &= err < 0.9 * history[-2]
         if not bool(busy.any()):
             break
-        history.append(err)
         # Regions that stay hard are solved together in larger blocks (up to 512 HR pixels).
         side = max(block, min(block * 2 ** (sweep // 2), 512 // scale))
         shift = side // 2 if sweep % 2 else 0
