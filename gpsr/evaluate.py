@@ -30,7 +30,7 @@ from gpsr.inference import GPSR
 from gpsr.metrics import SRMetrics
 from gpsr.panels import panel_rows, to_uint8_grid
 from gpsr.pipeline import add_diagnostic, diagnostic_means, timestep_diagnostic
-from gpsr.projection import project_consistent_box
+from gpsr.tiling import Tiling
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device, synchronize
 from gpsr.utils.errors import ConfigError
@@ -53,6 +53,7 @@ Method = Callable[[torch.Tensor, list[int]], torch.Tensor]
 def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]:
     """name -> (fn(lr01 (N,C,h,w), indices) -> sr01 (N,C,H,W) or (N,K,C,H,W), NFE label)."""
     s, sampler = model.scale, cfg.sampler
+    tiling = Tiling.from_config(sampler)
     methods: dict[str, tuple[Method, str]] = {}
     if "bicubic" in cfg.baselines:
         methods["bicubic"] = (lambda lr, idx: ops.upsample_bicubic(lr, s).clamp(0, 1), "0")
@@ -61,7 +62,7 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
     if "flow" in cfg.baselines or model.unet is None or sampler.steps == 0:
         methods["flow"] = (
             lambda lr, idx: model.super_resolve(
-                lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx
+                lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx, tiling=tiling
             ),
             "0+1",
         )
@@ -75,6 +76,7 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
                 seed=cfg.seed,
                 indices=idx,
                 spacing=sampler.spacing,
+                tiling=tiling,
             ),
             f"{sampler.steps}+1",
         )
@@ -164,15 +166,12 @@ def run_methods(
             synchronize(device)
             run.seconds[name] += time.perf_counter() - t0
         if proj_base:
-            out = outputs[proj_base]
-            flat = out.flatten(0, 1) if out.dim() == 5 else out
-            lr_rep = lr.repeat_interleave(out.shape[1], 0) if out.dim() == 5 else lr
             t0 = time.perf_counter()
-            proj, iters = project_consistent_box(flat, lr_rep, model.scale)
+            proj, iters = model.project(outputs[proj_base], lr)
             synchronize(device)
             run.seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
-            run.projection_iterations.append(iters)
-            outputs[f"{proj_base}_projected"] = proj.reshape(out.shape)
+            run.projection_iterations.append(iters.flatten())
+            outputs[f"{proj_base}_projected"] = proj
         for name, out in outputs.items():
             for sr in out.unbind(1) if out.dim() == 5 else [out]:
                 run.metrics[name].update(sr, hr, lr)

@@ -85,8 +85,8 @@ class GPSR(nn.Module):
 
         lr: (N, C, h, w) float in [0, 1] (not rounded), on any device.
         steps: UNet evaluations (7 in the paper; 0 = flow-only sampling).
-        samples: K samples per image. project: apply the consistency projection (in the [0, 1]
-        box, see `project_consistent_box`) after decoding.
+        samples: K samples per image. project: project each sample onto the images consistent
+        with lr inside [0, 1] (`GPSR.project`).
         generator / seed + indices: randomness; `seed` with `indices` makes each image's
         samples independent of batching.
         spacing: timesteps visited, "linspace" (the paper) or "trailing".
@@ -135,8 +135,19 @@ class GPSR(nn.Module):
                 spacing=spacing,
                 tiling=Tiling() if tiling is None else tiling,
             )
-            x = ops.to_unit(x)
-            if project:
-                x, _ = project_consistent_box(x, lr, self.scale)
-            outs.append(x.clamp(0, 1))
+            x = ops.to_unit(x).clamp(0, 1)
+            outs.append(self.project(x, lr)[0] if project else x)
         return outs[0] if samples == 1 else torch.stack(outs, dim=1)
+
+    def project(self, sr: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closest images to `sr` that degrade exactly to `lr` and stay in [0, 1]
+        (`gpsr.projection.project_consistent_box`).
+
+        sr: (N, C, s*h, s*w) or (N, K, C, s*h, s*w) in [0, 1]; lr: (N, C, h, w) in [0, 1].
+        Returns (projected, same shape as sr; Newton steps per image, (N,) or (N, K)).
+        """
+        if sr.dim() == 5:
+            k = sr.shape[1]
+            flat, steps = self.project(sr.flatten(0, 1), lr.repeat_interleave(k, 0))
+            return flat.reshape(sr.shape), steps.reshape(-1, k)
+        return project_consistent_box(sr, lr.to(sr), self.scale)

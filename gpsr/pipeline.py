@@ -6,6 +6,7 @@ Images here are in the model's range [-1, 1] (hence `super_resolve_signed`);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,8 +127,12 @@ class IndexNoise:
 
 
 def _check_whole_latent(unet: nn.Module, shape: tuple[int, ...], device: torch.device) -> None:
-    """Refuse, in one line, a whole-latent UNet call whose global attention cannot fit."""
-    need = unet.attention_bytes(shape[-2], shape[-1], shape[0])
+    """Refuse, in one line, a whole-latent UNet call whose global attention cannot fit
+    (networks without `attention_bytes` are not checked)."""
+    estimate = getattr(unet, "attention_bytes", None)
+    if estimate is None:
+        return
+    need = estimate(shape[-2], shape[-1], shape[0])
     free = available_memory(device)
     if free is not None and need > free:
         raise TooLargeError(
@@ -168,12 +173,15 @@ def super_resolve_signed(
             raise ConfigError(
                 "sampling with steps > 0 needs a UNet, a diffusion and latent statistics"
             )
-        tile = tiling.unet_tile(unet)
+        # Tiles start on the grid the UNet saw in training: whole LR pixels (k latent
+        # pixels) and whole pixels of its deepest level.
+        align = math.lcm(flow.k, 2 ** (getattr(unet, "levels", 1) - 1))
+        tile = tiling.unet_tile(unet, align)
         if tile is None or (shape[-2] <= tile and shape[-1] <= tile):
             model = unet
             _check_whole_latent(unet, shape, lr.device)
         else:
-            model = TiledDenoiser(unet, tile, tiling.unet_overlap(tile), tiling.batch)
+            model = TiledDenoiser(unet, tile, tiling.unet_overlap(tile), tiling.batch, align)
         zhat = diffusion.sample(
             model,
             coarse,

@@ -2,7 +2,7 @@
 
 Writes `<name>_sr.png` (or `<name>_sr{k}.png` for `samples=K` plus `<name>_std.png`, the
 per-pixel standard deviation over samples), optionally float32 `.npy` (`save_float=true`),
-and prints each image's consistency. Every output name is planned before the model loads:
+and prints each image's sampling and projection time and consistency. Every output name is planned before the model loads:
 an existing file is never replaced unless `overwrite=true`, two inputs never write the same
 file (`cat.png` and `cat.jpg` give `cat_png_sr.png` and `cat_jpg_sr.png`), and no output is
 ever an input. A bad file gets one line naming it; the rest go on.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,7 @@ from gpsr import ops
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.inference import GPSR
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
+from gpsr.tiling import Tiling
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device
 from gpsr.utils.errors import ConfigError, GPSRError, InputNotFoundError, OutputError
@@ -98,12 +100,12 @@ def sample_images(cfg: DictConfig) -> int:
     """Process every input image; returns the number of files that failed."""
     src, out_dir = Path(cfg.input), Path(cfg.output)
     files = list_inputs(src)
-    plan = plan_outputs(files, out_dir, cfg.samples, cfg.save_float)
+    plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float)
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)
     device = pick_device(cfg.device)
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema)
-    steps = cfg.steps if model.unet is not None else 0
+    steps = cfg.sampler.steps if model.unet is not None else 0
     failures = 0
     for path, outs in plan.items():
         try:
@@ -138,39 +140,52 @@ def process_one(model: GPSR, path: Path, outs: list[Path], steps: int, cfg: Dict
             img.shape[-2],
         )
     lr = (img.float() / 255.0)[None].to(model.device)
+    sampler = cfg.sampler
+    t0 = time.perf_counter()
     sr = model.super_resolve(
         lr,
         steps=steps,
-        eta=cfg.eta,
-        samples=cfg.samples,
-        project=cfg.project,
+        eta=sampler.eta,
+        samples=sampler.samples,
         seed=cfg.seed,
         indices=[0],
-        spacing=cfg.get("spacing", "linspace"),
+        spacing=sampler.spacing,
+        tiling=Tiling.from_config(sampler),
     )
-    stack = sr if cfg.samples > 1 else sr[:, None]  # (1, K, C, H, W)
-    images = list(stack[0])
-    if cfg.samples > 1:
-        std = stack[0].std(0)
-        images.append(std / std.max().clamp(min=1e-8))
-        floats = [*stack[0], std]
-    else:
-        floats = [stack[0, 0]]
-    pngs = [o for o in outs if o.suffix == ".png"]
-    for img_out, target in zip(images, pngs):
-        Image.fromarray(_to_uint8(img_out)).save(target)
-    if cfg.save_float:
-        for arr, target in zip(floats, [o for o in outs if o.suffix == ".npy"]):
-            np.save(target, arr.permute(1, 2, 0).cpu().numpy().astype(np.float32))
+    stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
     reps = lr.expand(stack.shape[1], -1, -1, -1)
-    cons = per_image_consistency(stack[0], reps, model.scale)
+    timing = f"sampled in {time.perf_counter() - t0:.1f} s"
+    raw = per_image_consistency(stack[0], reps, model.scale).mean().item() / CONSISTENCY_UNIT
+    consistency = f"consistency x1e-5: sample {raw:.4g}"
+    if sampler.project:
+        t0 = time.perf_counter()
+        stack, _ = model.project(stack, lr)
+        timing += f", projected in {time.perf_counter() - t0:.1f} s"
+        cons = per_image_consistency(stack[0], reps, model.scale).mean().item()
+        consistency += f", projected {cons / CONSISTENCY_UNIT:.4g}"
+    write_outputs(stack[0], outs, cfg.save_float)
     cons8 = per_image_consistency((stack[0] * 255).round() / 255, reps, model.scale)
     print(
         f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
-        f"consistency x1e-5: float {cons.mean().item() / CONSISTENCY_UNIT:.4g}, "
-        f"8-bit PNG {cons8.mean().item() / CONSISTENCY_UNIT:.4g}",
+        f"{timing}, {consistency}, 8-bit PNG {cons8.mean().item() / CONSISTENCY_UNIT:.4g}",
         flush=True,
     )
+
+
+def write_outputs(samples: torch.Tensor, outs: list[Path], save_float: bool) -> None:
+    """Write K samples (K, C, H, W) in [0, 1] to the planned files: PNGs (and for K > 1 the
+    per-pixel standard deviation, scaled to its maximum), and float32 .npy twins."""
+    images = list(samples)
+    floats = list(samples)
+    if samples.shape[0] > 1:
+        std = samples.std(0)
+        images.append(std / std.max().clamp(min=1e-8))
+        floats.append(std)
+    for img_out, target in zip(images, [o for o in outs if o.suffix == ".png"]):
+        Image.fromarray(_to_uint8(img_out)).save(target)
+    if save_float:
+        for arr, target in zip(floats, [o for o in outs if o.suffix == ".npy"]):
+            np.save(target, arr.permute(1, 2, 0).cpu().numpy().astype(np.float32))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")

@@ -88,16 +88,16 @@ class Tiling:
             flow_halo=sampler.get("flow_halo", AUTO),
         )
 
-    def unet_tile(self, unet: nn.Module) -> int | None:
-        """The latent tile side for this UNet (None: no tiling); checked against its divisor."""
+    def unet_tile(self, unet: nn.Module, align: int) -> int | None:
+        """The latent tile side for this UNet (None: no tiling), a multiple of `align`."""
         if self.tile is None:
             return None
         tile = int(getattr(unet, "image_size", 0)) if self.tile == AUTO else int(self.tile)
-        div = 2 ** (getattr(unet, "levels", 1) - 1)
-        if tile < 1 or tile % div:
+        if tile < 1 or tile % align:
             raise ConfigError(
                 f"sampler.tile={self.tile} gives latent tiles of {tile}: they must be positive "
-                f"multiples of {div}, the UNet's down-sampling factor"
+                f"multiples of {align} (the UNet's down-sampling factor and the LR pixel's "
+                f"size in the latent)"
             )
         return tile
 
@@ -115,54 +115,71 @@ class Tiling:
         return flow.receptive_radius if self.flow_halo == AUTO else int(self.flow_halo)
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Offsets of tiles of side `tile` that cover [0, size), neighbours sharing at least
-    `overlap` pixels, spread evenly from 0 to size - tile. size <= tile -> [0] (one tile of
-    side `size`)."""
+    `overlap` pixels, spread evenly from 0 to size - tile, each a multiple of `align`
+    (size and tile must be multiples of it). size <= tile -> [0] (one tile of side size)."""
     if size <= tile:
         return [0]
-    stride = tile - overlap
-    n = math.ceil((size - tile) / stride) + 1
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+    span = (size - tile) // align  # in units of align
+    longest = max(1, (tile - overlap) // align)
+    n = -(-span // longest) + 1
+    return [round(i * span / (n - 1)) * align for i in range(n)]
 
 
-def blend_window(side: int, overlap: int) -> torch.Tensor:
-    """1-D blending weights (side,) float64 in (0, 1]: a raised-cosine ramp over the first
-    and last `overlap` pixels, 1 in between. Every weight is positive, so a pixel that only
-    one tile covers keeps that tile's value after normalisation."""
-    i = torch.arange(side, dtype=torch.float64)
+def blend_window(side: int, overlap: int, start: bool = True, end: bool = True) -> torch.Tensor:
+    """1-D blending weights (side,) float64 in [0, 1] of one tile: a raised-cosine ramp over
+    the `overlap` pixels it shares with the tile before it (if `start`) and after it (if
+    `end`), 1 elsewhere. The ramp gives the first quarter of the overlap no weight at all:
+    a network's output next to a tile border (where it saw zero padding) does not reach the
+    image, while the neighbouring tile covers those pixels with weight 1."""
+    w = torch.ones(side, dtype=torch.float64)
     if overlap <= 0:
-        return torch.ones(side, dtype=torch.float64)
-    edge = torch.minimum(i + 0.5, side - i - 0.5) / overlap
-    return torch.sin(0.5 * math.pi * edge.clamp(max=1.0)) ** 2
+        return w
+    margin = overlap // 4
+    i = torch.arange(side, dtype=torch.float64)
+    ramp = ((i + 0.5 - margin) / (overlap - margin)).clamp(0.0, 1.0)
+    ramp = torch.sin(0.5 * math.pi * ramp) ** 2
+    if start:
+        w = torch.minimum(w, ramp)
+    if end:
+        w = torch.minimum(w, ramp.flip(0))
+    return w
 
 
 class TiledDenoiser(nn.Module):
     """A network applied tile by tile: x (N, C_in, H, W), t (N,) -> (N, C_out, H, W).
 
-    Tiles of side `tile` (or the whole side, if smaller) overlap by at least `overlap`; each
+    Tiles of side `tile` (or the whole side, if smaller) start at multiples of `align` and
+    overlap by at least `overlap`; each
     output pixel is the weighted mean of the outputs of the tiles covering it, with weights
-    `blend_window` (outer product). An input no larger than one tile goes through the
+    `blend_window` (outer product; every pixel has a tile of positive weight). An input no larger than one tile goes through the
     network unchanged. Peak memory is that of `batch` tiles plus the output.
     """
 
-    def __init__(self, model: nn.Module, tile: int, overlap: int, batch: int = 16):
+    def __init__(self, model: nn.Module, tile: int, overlap: int, batch: int = 16, align: int = 1):
         super().__init__()
         self.model, self.tile, self.overlap, self.batch = model, tile, overlap, batch
+        self.align = align
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         if h <= self.tile and w <= self.tile:
             return self.model(x, t)
         th, tw = min(self.tile, h), min(self.tile, w)
-        ys, xs = tile_starts(h, th, self.overlap), tile_starts(w, tw, self.overlap)
-        wy = blend_window(th, self.overlap if len(ys) > 1 else 0)
-        wx = blend_window(tw, self.overlap if len(xs) > 1 else 0)
-        weight = (wy[:, None] * wx[None, :]).to(x.device, x.dtype)
+        ys = tile_starts(h, th, self.overlap, self.align)
+        xs = tile_starts(w, tw, self.overlap, self.align)
+        # Each tile tapers only towards the tiles that overlap it, never at the image border.
+        wy = {y0: blend_window(th, self.overlap, y0 > 0, y0 + th < h) for y0 in ys}
+        wx = {x0: blend_window(tw, self.overlap, x0 > 0, x0 + tw < w) for x0 in xs}
+        weights = {
+            (y0, x0): (wy[y0][:, None] * wx[x0][None, :]).to(x.device, x.dtype)
+            for y0 in ys
+            for x0 in xs
+        }
         total = torch.zeros(h, w, dtype=x.dtype, device=x.device)
-        for y0 in ys:
-            for x0 in xs:
-                total[y0 : y0 + th, x0 : x0 + tw] += weight
+        for (y0, x0), weight in weights.items():
+            total[y0 : y0 + th, x0 : x0 + tw] += weight
         out = None
         places = [(i, y0, x0) for i in range(n) for y0 in ys for x0 in xs]
         for start in range(0, len(places), self.batch):
@@ -171,9 +188,8 @@ class TiledDenoiser(nn.Module):
             pred = self.model(crops, t[[i for i, _, _ in chunk]])
             if out is None:
                 out = torch.zeros(n, pred.shape[1], h, w, dtype=pred.dtype, device=x.device)
-            pred = pred * weight.to(pred.dtype)
             for (i, y0, x0), p in zip(chunk, pred):
-                out[i, :, y0 : y0 + th, x0 : x0 + tw] += p
+                out[i, :, y0 : y0 + th, x0 : x0 + tw] += p * weights[(y0, x0)].to(p.dtype)
         return out / total.to(out.dtype)
 
 

@@ -542,7 +542,7 @@ def test_converted_checkpoint_evaluates_samples_and_fine_tunes(converted, tmp_pa
         f"ckpt={converted}",
         f"input={lr_dir}",
         f"output={tmp_path / 'sr'}",
-        "steps=2",
+        "sampler.steps=2",
         cwd=tmp_path,
     )
     assert (tmp_path / "sr" / "a_sr.png").is_file()

@@ -39,10 +39,7 @@ def _sample_cfg(**kw):
         "ckpt": "/nonexistent/model.ckpt",  # planning must fail before the model loads
         "input": None,
         "output": None,
-        "steps": 2,
-        "eta": 1.0,
-        "samples": 1,
-        "project": False,
+        "sampler": {"steps": 2, "eta": 1.0, "samples": 1, "project": False},
         "save_float": False,
         "overwrite": False,
         "seed": 0,
@@ -111,7 +108,7 @@ def test_sample_folder_goes_on_past_bad_files(tmp_path, ddpm_ckpt):
         f"ckpt={ddpm_ckpt}",
         f"input={lr}",
         f"output={tmp_path / 'sr'}",
-        "steps=2",
+        "sampler.steps=2",
         cwd=tmp_path,
         check=False,
     )

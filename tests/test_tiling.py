@@ -1,0 +1,207 @@
+"""Tiled inference (gpsr.tiling): the blend is a weighted mean of the tiles in the right
+places, the tiled flow inverse is exact with its halo, memory guards, and no seams."""
+
+import pytest
+import torch
+from torch import nn
+
+from gpsr import ops
+from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.unet import UNet
+from gpsr.pipeline import LatentStats, super_resolve_signed
+from gpsr.tiling import TiledDenoiser, Tiling, blend_window, tile_starts, tiled_inverse
+from gpsr.utils.errors import ConfigError, TooLargeError
+from tests.helpers import SMALL_UNET, randomize_, tiny_flow
+
+
+@pytest.mark.parametrize(
+    "size,tile,overlap,align",
+    [(64, 16, 4, 1), (70, 16, 4, 1), (16, 16, 4, 1), (9, 16, 4, 1), (64, 16, 5, 2), (96, 16, 6, 4)],
+)
+def test_tiles_cover_the_side_and_overlap(size, tile, overlap, align):
+    starts = tile_starts(size, tile, overlap, align)
+    side = min(tile, size)
+    assert starts[0] == 0 and starts[-1] + side == size
+    assert all(s % align == 0 for s in starts)
+    covered = torch.zeros(size, dtype=torch.bool)
+    for s in starts:
+        covered[s : s + side] = True
+    assert covered.all()
+    assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_blend_window_tapers_only_towards_neighbours():
+    w = blend_window(32, 8)
+    assert torch.allclose(w, w.flip(0))
+    assert torch.equal(w[:2], torch.zeros(2, dtype=torch.float64))  # a quarter of the overlap
+    assert w[2] > 0 and (w[2:8].diff() > 0).all()
+    assert torch.equal(w[8:24], torch.ones(16, dtype=torch.float64))
+    # At the image border (no tile before it) the tile keeps its full weight.
+    first = blend_window(32, 8, start=False)
+    assert torch.equal(first[:24], torch.ones(24, dtype=torch.float64))
+    assert torch.equal(first[24:], w[24:])
+
+
+class _Pointwise(nn.Module):
+    """A 1x1 conv plus the timestep: its output at a pixel depends on that pixel only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = randomize_(nn.Conv2d(5, 3, 1).double(), std=0.5)
+
+    def forward(self, x, t):
+        return self.conv(x) + t[:, None, None, None]
+
+
+def test_tiled_denoiser_places_and_normalises_every_tile():
+    """For a network whose output at a pixel depends only on that pixel, every tile predicts
+    the same value there, so any weighted mean of tiles must return the whole-image output:
+    a tile written at the wrong offset, or weights that do not sum to one, would not."""
+    model = _Pointwise()
+    x = torch.randn(2, 5, 37, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3.0, 7.0], dtype=torch.float64)
+    tiled = TiledDenoiser(model, tile=16, overlap=5, batch=7)(x, t)
+    assert torch.allclose(tiled, model(x, t), atol=1e-12, rtol=0)
+
+
+def test_tiled_denoiser_passes_small_inputs_through_unchanged():
+    model = _Pointwise()
+    x = torch.randn(1, 5, 16, 12, dtype=torch.float64)
+    t = torch.ones(1, dtype=torch.float64)
+    assert torch.equal(TiledDenoiser(model, 16, 4)(x, t), model(x, t))
+
+
+@torch.no_grad()
+def test_receptive_radius_is_exact():
+    """Changing one latent pixel changes the decoded image exactly up to the receptive
+    radius (in coarse pixels) and no further."""
+    flow = tiny_flow(scale=4, dtype=torch.float64, std=0.2)
+    r = flow.receptive_radius
+    assert r == 2 * 3 * 3
+    n = 2 * r + 9
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 3, n, n, dtype=torch.float64, generator=gen)
+    latent = torch.randn(1, 9, n, n, dtype=torch.float64, generator=gen)
+    out = flow.inverse(coarse, latent)
+    c = n // 2
+    latent[0, :, c, c] += 1.0
+    changed = (flow.inverse(coarse, latent) - out).abs().amax((0, 1))
+    changed = changed.reshape(n, 2, n, 2).amax((1, 3)) > 0  # per coarse pixel
+    rows = changed.any(1).nonzero().flatten()
+    assert rows.min() == c - r and rows.max() == c + r
+
+
+@torch.no_grad()
+def test_tiled_inverse_equals_the_whole_inverse_with_its_halo():
+    flow = tiny_flow(scale=4, dtype=torch.float64, std=0.05)
+    gen = torch.Generator().manual_seed(1)
+    coarse = torch.randn(2, 3, 45, 70, dtype=torch.float64, generator=gen)
+    latent = torch.randn(2, 9, 45, 70, dtype=torch.float64, generator=gen)
+    whole = flow.inverse(coarse, latent)
+    tiled = tiled_inverse(flow, coarse, latent, tile=16, halo=flow.receptive_radius)
+    big = whole.abs().max()
+    assert torch.allclose(tiled, whole, atol=1e-12 * big, rtol=0)
+    # Without enough context the tiles differ from the whole image near their borders.
+    short = tiled_inverse(flow, coarse, latent, tile=16, halo=2)
+    assert not torch.allclose(short, whole, atol=1e-6 * big, rtol=0)
+
+
+def _small_model():
+    flow = tiny_flow(scale=4, std=0.05)
+    unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.02)
+    stats = LatentStats(9)
+    return flow, unet.eval(), GaussianDiffusion(1000, prediction="x0"), stats
+
+
+def test_tiling_changes_nothing_for_an_image_of_one_tile():
+    flow, unet, diffusion, stats = _small_model()
+    y = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # latent 16
+    outs = []
+    for tiling in (Tiling(), Tiling.whole()):
+        torch.manual_seed(0)
+        outs.append(super_resolve_signed(flow, y, 3, unet, diffusion, stats, tiling=tiling))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_tiled_sampling_of_a_large_non_square_image():
+    flow, unet, diffusion, stats = _small_model()
+    y = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = super_resolve_signed(flow, y, 2, unet, diffusion, stats, tiling=Tiling(flow_tile=16))
+    assert out.shape == (1, 3, 96, 160) and torch.isfinite(out).all()
+
+
+def test_whole_latent_that_cannot_fit_is_refused_in_one_line(monkeypatch):
+    flow, unet, diffusion, stats = _small_model()
+    monkeypatch.setattr("gpsr.pipeline.available_memory", lambda device: 2**20)
+    y = torch.zeros(1, 3, 32, 32)  # latent 64 x 64: attention over 32 x 32 tokens, 8 MiB
+    with pytest.raises(TooLargeError, match="sampler.tile"):
+        super_resolve_signed(flow, y, 1, unet, diffusion, stats, tiling=Tiling.whole())
+    # Tiles of the training size fit.
+    super_resolve_signed(flow, y, 1, unet, diffusion, stats, tiling=Tiling())
+
+
+def test_tile_settings_are_checked_by_name():
+    _, unet, _, _ = _small_model()
+    with pytest.raises(ConfigError, match="sampler.tile=6"):
+        Tiling(tile=6).unet_tile(unet, align=4)
+    with pytest.raises(ConfigError, match="sampler.tile_overlap"):
+        Tiling(tile=16, overlap=16).unet_overlap(16)
+    with pytest.raises(ConfigError, match="sampler.tile_batch"):
+        Tiling(batch=0)
+    with pytest.raises(ConfigError, match="sampler.flow_halo"):
+        Tiling(flow_halo=-1)
+    assert Tiling().unet_tile(unet, align=2) == SMALL_UNET["image_size"]
+
+
+def _seam_ratio(x: torch.Tensor, cuts: list[int], dim: int, period: int) -> float:
+    """Mean |x[i] - x[i-1]| along `dim` at the cuts, over the mean at the other positions
+    congruent to the same cut modulo `period` (averaged over the cuts).
+
+    Only like positions are compared: an LR pixel covers several HR pixels (the nearest
+    embedding, the flow's 2 x 2 Haar blocks, the UNet's down-sampling), so differences
+    across such borders differ from those inside whatever the tiling."""
+    diff = x.diff(dim=dim).abs().movedim(dim, 0).flatten(1).mean(1)  # [i - 1]: x[i] - x[i-1]
+    is_cut = torch.zeros(diff.shape[0], dtype=torch.bool)
+    is_cut[[c - 1 for c in cuts]] = True
+    ratios = []
+    for c in cuts:
+        like = torch.zeros_like(is_cut)
+        like[(c - 1) % period :: period] = True
+        ratios.append(diff[c - 1] / diff[like & ~is_cut].mean())
+    return torch.stack(ratios).mean().item()
+
+
+@torch.no_grad()
+def test_no_seams_at_tile_borders():
+    """Tiled sampling of 256 x 256 photos (latent 128 x 128 in 16 x 16 tiles): the image
+    changes across tile borders as much as across like positions elsewhere (within 10 %).
+    The UNet has random weights, so its output near a tile border, where it sees zero
+    padding, differs from its output inside; without overlap that shows at every border
+    (the check must fail there), and the blend must hide it. docs/large_images.md gives
+    the same measure for the demo's trained model."""
+    import skimage.data
+    import torchvision.transforms.v2.functional as TF
+
+    from gpsr.data.demo import DEMO_PHOTOS
+    from gpsr.pipeline import IndexNoise
+
+    flow = tiny_flow(scale=4, std=0.05)
+    unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.1).eval()
+    diffusion, stats = GaussianDiffusion(1000, prediction="x0"), LatentStats(9)
+    photos = [
+        torch.from_numpy(getattr(skimage.data, name)().copy()).permute(2, 0, 1)
+        for name in DEMO_PHOTOS[:4]
+    ]
+    hr = torch.stack([TF.center_crop(TF.resize(p, 256), [256, 256]) for p in photos])
+    y = ops.degrade(hr.float() / 127.5 - 1, 4)
+    ratios = {}
+    for overlap in (0, 4):
+        out = super_resolve_signed(
+            flow, y, 3, unet, diffusion, stats, noise_fn=IndexNoise(range(4), 0, "cpu"),
+            tiling=Tiling(tile=16, overlap=overlap),
+        )  # fmt: skip
+        starts = tile_starts(128, 16, overlap, align=2)
+        cuts = sorted({2 * s for s in starts[1:]} | {2 * (s + 16) for s in starts[:-1]})
+        ratios[overlap] = [_seam_ratio(out, cuts, dim, period=16) for dim in (2, 3)]
+    assert all(abs(r - 1) <= 0.1 for r in ratios[4]), ratios
+    assert any(abs(r - 1) > 0.1 for r in ratios[0]), ratios
