@@ -241,3 +241,42 @@ def test_empty_split_and_too_few_for_a_batch():
         dm.dataset("val")
     with pytest.raises(ValueError, match="lower data.batch_size"):
         dm.train_dataloader()
+
+
+def test_random_crop_serves_full_resolution_patches_of_large_photos(tmp_path):
+    """data.crop=random: training patches are windows of the original pixels (never
+    resized; flipped or not), different at every draw; evaluation takes the centre window."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    photos = [skimage.data.astronaut()[100:196, 100:228], skimage.data.coffee()[:88, :120]]
+    for i, p in enumerate(photos):
+        Image.fromarray(p).save(folder / f"p{i}.png")
+    full = [torch.from_numpy(p.copy()).permute(2, 0, 1) for p in photos]
+    for cache in (False, True):
+        dm = GPSRDataModule(
+            source="folder", root=str(folder), size=32, scale=4, crop="random",
+            val_fraction=0.0, test_fraction=0.5, split_seed=0, batch_size=1, cache=cache,
+        )  # fmt: skip
+        train = dm.dataset("train")
+        torch.manual_seed(0)
+        seen = set()
+        for _ in range(4):
+            item = train[0]
+            hr = ((item["hr"] + 1) * 127.5).round().to(torch.uint8)
+            hits = _locate(hr, full) + _locate(hr, [f.flip(-1) for f in full])
+            assert hits, "a training patch is not a window of a photo at full resolution"
+            seen.add(hits[0])
+            assert torch.allclose(item["lr"], ops.degrade(item["hr"][None], 4)[0])
+        assert len(seen) > 1  # a new position at every draw
+        test = dm.dataset("test")
+        item = ((test[0]["hr"] + 1) * 127.5).round().to(torch.uint8)
+        centres = [
+            f[:, (f.shape[1] - 32) // 2 :][:, :32, (f.shape[2] - 32) // 2 :][:, :, :32]
+            for f in full
+        ]
+        assert any(torch.equal(item, c) for c in centres)
+
+
+def test_crop_setting_is_checked():
+    with pytest.raises(ValueError, match="data.crop"):
+        GPSRDataModule(source="demo", size=32, scale=4, crop="zoom")

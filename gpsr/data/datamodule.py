@@ -23,7 +23,10 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from gpsr import ops
 from gpsr.data.demo import RandomPatches, demo_splits
 from gpsr.data.images import (
+    CROPS,
     ImageFileError,
+    crop_square,
+    decode_rgb,
     find_images,
     load_image,
     read_header,
@@ -38,10 +41,13 @@ __all__ = ["GPSRDataModule", "ImageDataset", "split_indices"]
 SPLITS = ("train", "val", "test")
 
 
-def load_or_skip(path: Path, size: int, skip_corrupt: bool) -> torch.Tensor | None:
-    """`load_image`, or None with a warning for a bad file when `skip_corrupt` (else raise)."""
+def load_or_skip(
+    path: Path, size: int, skip_corrupt: bool, crop: str = "resize"
+) -> torch.Tensor | None:
+    """`load_image`, or None with a warning for a bad file when `skip_corrupt` (else raise).
+    crop="full" decodes the whole image (no crop)."""
     try:
-        return load_image(path, size)
+        return decode_rgb(path) if crop == "full" else load_image(path, size, crop)
     except ImageFileError as err:
         if not skip_corrupt:
             raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
@@ -73,25 +79,30 @@ class ImageDataset(Dataset):
     """HR/LR pairs from a list of files or from in-memory uint8 images.
 
     Args:
-        items: a list of file paths, or any indexable of prepared (3, S, S) uint8 images
-            (a tensor (N, 3, S, S), or the demo's `RandomPatches`).
+        items: a list of file paths, a list of decoded uint8 images (3, H, W), or any
+            indexable of prepared (3, S, S) uint8 images (a tensor (N, 3, S, S), or the
+            demo's `RandomPatches`).
         size: side S of the square HR images.
         scale: SR factor; `size` must be divisible by it.
         flip: random horizontal flips (training).
         skip_corrupt: replace an undecodable file by the next good one, with a warning.
+        crop: how a file or a decoded image larger than S becomes S x S
+            (`gpsr.data.images.crop_square`: "resize", "random" or "center").
     """
 
     def __init__(
         self,
-        items: Sequence[Path] | torch.Tensor | RandomPatches,
+        items: Sequence[Path] | Sequence[torch.Tensor] | torch.Tensor | RandomPatches,
         size: int,
         scale: int,
         flip: bool = False,
         skip_corrupt: bool = False,
+        crop: str = "resize",
     ):
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         self.items = items
         self.size, self.scale, self.flip, self.skip_corrupt = size, scale, flip, skip_corrupt
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.items)
@@ -100,9 +111,12 @@ class ImageDataset(Dataset):
         if not isinstance(self.items, (list, tuple)):
             return self.items[index]
         for attempt in range(len(self.items)):
-            img = load_or_skip(
-                self.items[(index + attempt) % len(self.items)], self.size, self.skip_corrupt
-            )
+            item = self.items[(index + attempt) % len(self.items)]
+            if isinstance(item, torch.Tensor):
+                if item.shape[-2:] == (self.size, self.size):
+                    return item
+                return crop_square(item, self.size, self.crop)
+            img = load_or_skip(item, self.size, self.skip_corrupt, self.crop)
             if img is not None:
                 return img
         raise ImageFileError("no decodable image left in this split")
@@ -124,7 +138,10 @@ class GPSRDataModule(L.LightningDataModule):
         root: image folder split by `val_fraction` / `test_fraction` with `split_seed`
             (source="folder").
         train_root, val_root, test_root: explicit per-split folders (override `root`).
-        size: HR side; larger images are resized and centre-cropped.
+        size: HR side; larger images are resized and centre-cropped (crop="resize").
+        crop: "resize" (shorter side to `size`, centre crop) or "random" (photos of any
+            size at full resolution: a random `size` patch, flipped, at every draw in
+            training; the centre patch in validation and testing).
         scale: SR factor.
         batch_size, eval_batch_size, num_workers, pin_memory: loader settings.
         cache: decode every image once at setup and keep the uint8 tensors in RAM.
@@ -145,6 +162,7 @@ class GPSRDataModule(L.LightningDataModule):
         test_root: str | None = None,
         size: int = 128,
         scale: int = 8,
+        crop: str = "resize",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
@@ -167,6 +185,8 @@ class GPSRDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers!r}")
+        if crop not in CROPS[:2]:
+            raise ConfigError(f"data.crop must be 'resize' or 'random', got {crop!r}")
         if source not in ("demo", "folder"):
             raise ConfigError(f"data.source must be 'demo' or 'folder', got {source!r}")
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
@@ -175,6 +195,7 @@ class GPSRDataModule(L.LightningDataModule):
                 "data.root is not set: point it at a folder of images (see README 'Data')"
             )
         self.source, self.root, self.size, self.scale = source, root, size, scale
+        self.crop = crop
         self.roots = {"train": train_root, "val": val_root, "test": test_root}
         self.val_fraction, self.test_fraction, self.split_seed = (
             val_fraction,
@@ -212,13 +233,18 @@ class GPSRDataModule(L.LightningDataModule):
             kept.append(path)
         return kept
 
-    def _decode_all(self, files: Sequence[Path]) -> torch.Tensor:
+    def _decode_all(self, files: Sequence[Path]) -> torch.Tensor | list[torch.Tensor]:
+        """Every file decoded once: (N, 3, S, S) resized squares, or with crop="random" the
+        whole images (a list), cropped at each draw."""
+        mode = "full" if self.crop == "random" else "resize"
         out = [
-            img for p in files if (img := load_or_skip(p, self.size, self.skip_corrupt)) is not None
+            img
+            for p in files
+            if (img := load_or_skip(p, self.size, self.skip_corrupt, mode)) is not None
         ]
         if not out:
             raise ImageFileError("data.cache: no decodable images")
-        return torch.stack(out)
+        return out if mode == "full" else torch.stack(out)
 
     def _build_items(self) -> dict[str, Sequence[Path] | torch.Tensor]:
         if self.source == "demo":
@@ -268,12 +294,9 @@ class GPSRDataModule(L.LightningDataModule):
             if self.source == "demo":
                 hint = f"raise data.demo_{split}"
             raise ConfigError(f"the {split} split is empty: {hint}")
+        crop = self.crop if self.crop == "resize" or split == "train" and flip else "center"
         return ImageDataset(
-            items,
-            self.size,
-            self.scale,
-            flip=flip,
-            skip_corrupt=self.skip_corrupt,
+            items, self.size, self.scale, flip=flip, skip_corrupt=self.skip_corrupt, crop=crop
         )
 
     # ------------------------------------------------------------------ loaders

@@ -6,8 +6,9 @@ Rules (README "Data"):
 - RGBA / LA / palette images are converted to RGB with the alpha channel dropped;
 - CMYK and other colour modes go through Pillow's RGB conversion;
 - an image larger than the target is resized (shorter side to the target, antialiased
-  bicubic) and centre-cropped; a smaller one is an error naming the file (or skipped with
-  `data.skip_small=true`);
+  bicubic) and centre-cropped, or with `data.crop=random` cropped at full resolution
+  (random patches in training, the centre in evaluation); a smaller one is an error naming
+  the file (or skipped with `data.skip_small=true`);
 - a file that cannot be decoded (corrupt, truncated, not an image, or a header claiming
   more pixels than Pillow's decompression-bomb limit) is an error naming the file (or
   skipped with a warning with `data.skip_corrupt=true`).
@@ -31,6 +32,8 @@ __all__ = [
     "read_header",
     "decode_rgb",
     "fit_to_square",
+    "CROPS",
+    "crop_square",
     "too_small_message",
     "load_image",
 ]
@@ -119,6 +122,27 @@ def fit_to_square(img: torch.Tensor, size: int, name: str = "image") -> torch.Te
     return TF.center_crop(img, [size, size])
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode, convert, resize and crop one file: -> (3, size, size) uint8."""
-    return fit_to_square(decode_rgb(path), size, name=str(path))
+CROPS = ("resize", "random", "center")
+
+
+def crop_square(img: torch.Tensor, size: int, mode: str, name: str = "image") -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8 by `mode`:
+    "resize": `fit_to_square` (shorter side to `size`, centre crop);
+    "random": a crop at a random position (torch's global generator), pixels untouched;
+    "center": the centre crop, pixels untouched.
+    A side smaller than `size` raises ImageFileError naming `name`."""
+    if mode == "resize":
+        return fit_to_square(img, size, name)
+    h, w = img.shape[-2:]
+    if min(h, w) < size:
+        raise ImageFileError(too_small_message(name, w, h, size))
+    if mode == "center":
+        return TF.center_crop(img, [size, size])
+    top = int(torch.randint(0, h - size + 1, ()))
+    left = int(torch.randint(0, w - size + 1, ()))
+    return img[:, top : top + size, left : left + size]
+
+
+def load_image(path: Path, size: int, crop: str = "resize") -> torch.Tensor:
+    """Decode, convert and crop one file (`crop_square`): -> (3, size, size) uint8."""
+    return crop_square(decode_rgb(path), size, crop, name=str(path))
