@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 export WANDB_SILENT := true
 
-.PHONY: install test test-fast lint demo demo-parameterization clean
+.PHONY: install test test-fast lint demo demo-large demo-parameterization clean
 
 install: $(STAMP)
 
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 
 ## The whole suite CI runs: lint, then fast tests plus the slow ones (DDP, resume, sweeps, CLI).
 test: install
-	.venv/bin/ruff check gpsr tests
-	.venv/bin/ruff format --check gpsr tests
+	.venv/bin/ruff check gpsr tests scripts
+	.venv/bin/ruff format --check gpsr tests scripts
 	$(PY) -m pytest -q tests
 
 ## Fast iteration: everything but the tests marked slow.
@@ -26,12 +26,17 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install
-	.venv/bin/ruff check gpsr tests
-	.venv/bin/ruff format --check gpsr tests
+	.venv/bin/ruff check gpsr tests scripts
+	.venv/bin/ruff format --check gpsr tests scripts
 
 ## Train both stages on the bundled photos, evaluate, sweep NFEs and write the report (CPU).
 demo: install
 	bash scripts/demo.sh
+
+## Whole images with the demo model: held-out strips, tiled vs whole, time and memory as the
+## image grows (LR 64..512; LARGE_SIDES=64,...,1024 for more); after `make demo`.
+demo-large: install
+	PYTHONPATH=. $(PY) scripts/demo_large.py
 
 ## eps vs v vs x0 for the demo's latent DDPM (same flow, data and budget); after `make demo`.
 demo-parameterization: install

@@ -1,4 +1,5 @@
-"""Lightning callbacks: validation metrics for both stages, and the image panel."""
+"""Lightning callbacks: validation metrics for both stages, the image panel, and
+checkpoints whose last.ckpt always holds the final step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 from torch import nn
 
@@ -17,7 +18,20 @@ from gpsr.panels import to_uint8_grid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SRMetricsCallback", "ImagePanelCallback"]
+__all__ = ["SRMetricsCallback", "ImagePanelCallback", "FinalCheckpoint"]
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that also saves last.ckpt when training ends between two periodic
+    saves (Lightning keeps the last periodic one), so a finished run's last.ckpt holds its
+    final step and the results it logged."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = trainer.global_step
+        else:
+            super().on_train_end(trainer, pl_module)
 
 
 class SRMetricsCallback(Callback):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from gpsr import ops
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
+from gpsr.diffusion import SPACINGS
 from gpsr.inference import GPSR
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
 from gpsr.tiling import Tiling
@@ -93,19 +94,51 @@ def prepare_output(out_dir: Path) -> Path:
     """The output folder, created and checked writable (before any model is loaded)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output={out_dir} is a file, not a folder")
-    return check_output_dir(out_dir)
+    return check_output_dir(out_dir, setting="output=")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse bad sampling settings in one line each, by their names, before loading."""
+    sampler = cfg.sampler
+
+    def integer(name: str, low: int) -> None:
+        value = sampler.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"sampler.{name} must be an integer >= {low}, got {value!r}")
+
+    integer("steps", 0)
+    integer("samples", 1)
+    eta = sampler.get("eta")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+        raise ConfigError(f"sampler.eta must be a number >= 0, got {eta!r}")
+    if sampler.get("spacing") not in SPACINGS:
+        raise ConfigError(
+            f"sampler.spacing must be one of {', '.join(SPACINGS)}, got {sampler.get('spacing')!r}"
+        )
+    Tiling.from_config(sampler)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
 
 
 def sample_images(cfg: DictConfig) -> int:
     """Process every input image; returns the number of files that failed."""
     src, out_dir = Path(cfg.input), Path(cfg.output)
+    check_settings(cfg)
     files = list_inputs(src)
     plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float)
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)
     device = pick_device(cfg.device)
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema)
-    steps = cfg.sampler.steps if model.unet is not None else 0
+    steps = cfg.sampler.steps
+    if model.unet is None and steps > 0:
+        log.warning(
+            "%s is a flow-stage checkpoint (no diffusion model): flow-only sampling, "
+            "sampler.steps=%d ignored",
+            cfg.ckpt,
+            steps,
+        )
+        steps = 0
     failures = 0
     for path, outs in plan.items():
         try:

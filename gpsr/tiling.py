@@ -23,7 +23,14 @@ from torch import nn
 
 from gpsr.utils.errors import ConfigError
 
-__all__ = ["Tiling", "tile_starts", "blend_window", "TiledDenoiser", "tiled_inverse"]
+__all__ = [
+    "Tiling",
+    "tile_starts",
+    "blend_window",
+    "TiledDenoiser",
+    "tiled_inverse",
+    "seam_ratio",
+]
 
 AUTO = "auto"
 
@@ -54,7 +61,7 @@ class Tiling:
 
     tile: int | str | None = AUTO
     overlap: int | str = AUTO
-    batch: int = 16
+    batch: int = 32
     flow_tile: int | None = 128
     flow_halo: int | str = AUTO
 
@@ -83,7 +90,7 @@ class Tiling:
         return cls(
             tile=sampler.get("tile", AUTO),
             overlap=sampler.get("tile_overlap", AUTO),
-            batch=sampler.get("tile_batch", 16),
+            batch=sampler.get("tile_batch", 32),
             flow_tile=sampler.get("flow_tile", 128),
             flow_halo=sampler.get("flow_halo", AUTO),
         )
@@ -223,3 +230,22 @@ def tiled_inverse(
                 ..., 2 * (y0 - top) : 2 * (y1 - top), 2 * (x0 - left) : 2 * (x1 - left)
             ]
     return out
+
+
+def seam_ratio(x: torch.Tensor, cuts: list[int], dim: int, period: int) -> float:
+    """How much an image changes across tile borders: mean |x[i] - x[i-1]| along `dim` at
+    the cuts, over the mean at the other positions congruent to the same cut modulo
+    `period` (averaged over the cuts); about 1 without seams. x: (N, C, H, W).
+
+    Only like positions are compared: an LR pixel covers several HR pixels (the nearest
+    embedding, the flow's 2 x 2 Haar blocks, the UNet's down-sampling), so differences
+    across such borders differ from those inside whatever the tiling."""
+    diff = x.diff(dim=dim).abs().movedim(dim, 0).flatten(1).mean(1)  # [i - 1]: x[i] - x[i-1]
+    is_cut = torch.zeros(diff.shape[0], dtype=torch.bool)
+    is_cut[[c - 1 for c in cuts]] = True
+    ratios = []
+    for c in cuts:
+        like = torch.zeros_like(is_cut)
+        like[(c - 1) % period :: period] = True
+        ratios.append(diff[c - 1] / diff[like & ~is_cut].mean())
+    return torch.stack(ratios).mean().item()

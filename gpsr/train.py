@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpsr.utils.checkpoint import find_last_checkpoint
-from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.utils.cli import CONFIG_DIR, check_output_dir, lock_run_dir, preflight, report_errors
 from gpsr.utils.errors import InputNotFoundError
 
 log = logging.getLogger("gpsr.train")
@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) one stage as configured; returns the final validation/test metrics."""
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
+    lock_run_dir(output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)

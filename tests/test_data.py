@@ -181,21 +181,26 @@ def test_corrupt_and_truncated_files(tmp_path, caplog):
     )
     with pytest.raises(ImageFileError, match=r"garbage\.png.*data.skip_corrupt=true"):
         GPSRDataModule(**kw).setup()
-    # Skipping: the garbage file is left out at the header scan; the truncated one (valid
-    # header) is caught at decode time and replaced by the next good image, with a warning.
+    # Skipping: the garbage and the truncated file (valid header, cut short) are both left
+    # out at the scan before any training, with a warning each, and the split counts the rest.
     dm = GPSRDataModule(skip_corrupt=True, **kw)
     with caplog.at_level(logging.WARNING):
         dm.setup()
-        ds = dm.dataset("test")
-        names = [p.name for p in dm.items["test"]]
-        assert "garbage.png" not in names and "truncated.png" in names
-        item = ds[names.index("truncated.png")]
-    assert item["hr"].shape == (3, 64, 64)
-    assert "garbage.png" in caplog.text and "truncated.png" in caplog.text
+    names = [p.name for p in dm.items["test"]]
+    assert "garbage.png" not in names and "truncated.png" not in names and len(names) == 4
+    assert "garbage.png" in caplog.text and "truncated.png: truncated" in caplog.text
+    (root / "garbage.png").unlink()
+    with pytest.raises(ImageFileError, match=r"truncated\.png: truncated.*skip_corrupt=true"):
+        GPSRDataModule(**kw).setup()
+    # A file whose pixels are damaged but whose ending is intact is found when decoded.
+    data = bytearray(good)
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    (root / "truncated.png").write_bytes(bytes(data))
     strict = GPSRDataModule(**kw)
-    strict.items = dm.items
+    strict.setup()
+    index = [p.name for p in strict.items["test"]].index("truncated.png")
     with pytest.raises(ImageFileError, match=r"truncated\.png.*cannot be decoded"):
-        strict.dataset("test")[names.index("truncated.png")]
+        strict.dataset("test")[index]
 
 
 def test_too_small_image(tmp_path):

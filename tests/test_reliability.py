@@ -2,6 +2,7 @@
 logs continue, and every bad input or setting is one line naming it."""
 
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -39,7 +40,13 @@ def _sample_cfg(**kw):
         "ckpt": "/nonexistent/model.ckpt",  # planning must fail before the model loads
         "input": None,
         "output": None,
-        "sampler": {"steps": 2, "eta": 1.0, "samples": 1, "project": False},
+        "sampler": {
+            "steps": 2,
+            "eta": 1.0,
+            "samples": 1,
+            "project": False,
+            "spacing": "linspace",
+        },  # fmt: skip
         "save_float": False,
         "overwrite": False,
         "seed": 0,
@@ -340,3 +347,109 @@ def test_evaluate_projects_flow_samples_when_steps_is_zero(tmp_path, ddpm_ckpt, 
         check=False,
     )
     assert proc.returncode == 1 and f"checkpoint {flow_ckpt} is a 'flow' checkpoint" in proc.stderr
+
+
+# ------------------------------------------------------------------ round 3
+def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
+    """A second run into the same folder is refused in one line while the first lives; a
+    SIGKILLed run leaves nothing locked."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gpsr.train import train
+    from gpsr.utils.cli import lock_run_dir
+    from tests.conftest import FAST, REPO, compose_cfg
+
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time; from gpsr.utils.cli import lock_run_dir; "
+            "lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = compose_cfg(["stage=flow", "logger=csv", *FAST], output_dir=tmp_path)
+        with pytest.raises(OutputError, match=r"in use by another gpsr run \(pid \d+\)"):
+            train(cfg)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    lock_run_dir(tmp_path)  # free again
+
+
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [
+        ("samples", 0, "sampler.samples must be an integer >= 1, got 0"),
+        ("steps", -3, "sampler.steps must be an integer >= 0, got -3"),
+        ("eta", -1.0, "sampler.eta must be a number >= 0"),
+        ("spacing", "log", "sampler.spacing must be one of linspace, trailing"),
+        ("tile_overlap", -1, "sampler.tile_overlap must be 0 or more"),
+    ],
+)
+def test_sample_checks_its_settings_by_name_before_loading(tmp_path, setting, value, message):
+    from gpsr.sample import sample_images
+
+    _png(tmp_path / "a.png")
+    sampler = {"steps": 2, "eta": 1.0, "samples": 1, "project": False, "spacing": "linspace"}
+    sampler[setting] = value
+    cfg = _sample_cfg(input=str(tmp_path / "a.png"), output=str(tmp_path / "o"), sampler=sampler)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sample_images(cfg)  # the checkpoint does not exist: refused before loading
+
+
+def test_a_flow_checkpoint_given_to_sample_says_so(tmp_path, flow_ckpt, caplog):
+    from gpsr.sample import sample_images
+
+    _png(tmp_path / "a.png", size=(8, 8))
+    sampler = {"steps": 2, "eta": 1.0, "samples": 1, "project": False, "spacing": "linspace"}
+    cfg = _sample_cfg(
+        ckpt=str(flow_ckpt), input=str(tmp_path / "a.png"), output=str(tmp_path / "o"),
+        sampler=sampler,
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert sample_images(cfg) == 0
+    notes = [r.message for r in caplog.records if "flow-stage checkpoint" in r.message]
+    assert len(notes) == 1 and "sampler.steps=2 ignored" in notes[0]
+    assert (tmp_path / "o" / "a_sr.png").is_file()
+
+
+def test_truncated_jpeg_is_found_before_training_and_worker_errors_are_one_line(tmp_path):
+    from torch.utils.data import DataLoader, Dataset
+
+    from gpsr.data import GPSRDataModule
+    from gpsr.data.images import ImageFileError
+    from gpsr.utils.cli import one_line
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(
+            root / f"ok{i}.jpg"
+        )
+    whole = (root / "ok0.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    dm = GPSRDataModule(source="folder", root=str(root), size=32, scale=4, num_workers=2)
+    with pytest.raises(ImageFileError, match=r"cut\.jpg: truncated.*data.skip_corrupt=true"):
+        dm.setup()
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ImageFileError(f"{root / 'cut.jpg'}: cannot be decoded (image file is truncated)")
+
+    with pytest.raises(ImageFileError) as info:
+        next(iter(DataLoader(Bad(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what torch hands back from a worker
+    assert (
+        one_line(info.value) == f"{root / 'cut.jpg'}: cannot be decoded (image file is truncated)"
+    )

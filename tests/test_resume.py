@@ -194,3 +194,40 @@ def test_wandb_is_offline_unless_a_key_or_an_explicit_setting(monkeypatch):
     assert wandb_offline(True) is True
     monkeypatch.delenv("WANDB_API_KEY")
     assert wandb_offline(False) is False
+
+
+def test_a_finished_run_saves_its_final_step(tmp_path):
+    """Training that ends between two periodic saves still leaves last.ckpt at its final
+    step (Lightning alone keeps the periodic step 3 of 5 here)."""
+    from gpsr.train import train
+    from tests.conftest import FAST, compose_cfg
+
+    overrides = [
+        "stage=flow", "logger=csv", *FAST, "trainer.max_steps=5",
+        "callbacks.model_checkpoint.every_n_train_steps=3", "test_after_fit=false",
+    ]  # fmt: skip
+    train(compose_cfg(overrides, output_dir=tmp_path))
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 5
+    assert load_checkpoint(tmp_path / "checkpoints" / "step0000003.ckpt")["global_step"] == 3
+
+
+def test_resume_auto_ranks_checkpoints_by_their_step_not_their_file_time(tmp_path, flow_ckpt):
+    """After `cp -r` (or any touch) file times say nothing; the step inside does."""
+    import shutil
+
+    from gpsr.utils.checkpoint import find_last_checkpoint
+
+    run = tmp_path / "copy"
+    shutil.copytree(flow_ckpt.parent, run / "checkpoints")
+    folder = run / "checkpoints"
+    steps = {p.name: load_checkpoint(p)["global_step"] for p in folder.glob("*.ckpt")}
+    assert steps["last.ckpt"] == 24 and steps["step0000012.ckpt"] == 12
+    now = time.time()
+    for i, name in enumerate(sorted(steps, key=steps.get)):  # oldest file = furthest step
+        os.utime(folder / name, (now - 100 * i, now - 100 * i))
+    assert steps[find_last_checkpoint(run).name] == 24
+    (folder / "step0000024.ckpt").unlink()
+    assert find_last_checkpoint(run).name == "last.ckpt"  # the only step-24 file left
+    (folder / "last.ckpt").write_bytes(b"damaged")
+    assert find_last_checkpoint(run).name == "step0000012.ckpt"

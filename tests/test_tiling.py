@@ -9,7 +9,14 @@ from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.unet import UNet
 from gpsr.pipeline import LatentStats, super_resolve_signed
-from gpsr.tiling import TiledDenoiser, Tiling, blend_window, tile_starts, tiled_inverse
+from gpsr.tiling import (
+    TiledDenoiser,
+    Tiling,
+    blend_window,
+    seam_ratio,
+    tile_starts,
+    tiled_inverse,
+)
 from gpsr.utils.errors import ConfigError, TooLargeError
 from tests.helpers import SMALL_UNET, randomize_, tiny_flow
 
@@ -153,24 +160,6 @@ def test_tile_settings_are_checked_by_name():
     assert Tiling().unet_tile(unet, align=2) == SMALL_UNET["image_size"]
 
 
-def _seam_ratio(x: torch.Tensor, cuts: list[int], dim: int, period: int) -> float:
-    """Mean |x[i] - x[i-1]| along `dim` at the cuts, over the mean at the other positions
-    congruent to the same cut modulo `period` (averaged over the cuts).
-
-    Only like positions are compared: an LR pixel covers several HR pixels (the nearest
-    embedding, the flow's 2 x 2 Haar blocks, the UNet's down-sampling), so differences
-    across such borders differ from those inside whatever the tiling."""
-    diff = x.diff(dim=dim).abs().movedim(dim, 0).flatten(1).mean(1)  # [i - 1]: x[i] - x[i-1]
-    is_cut = torch.zeros(diff.shape[0], dtype=torch.bool)
-    is_cut[[c - 1 for c in cuts]] = True
-    ratios = []
-    for c in cuts:
-        like = torch.zeros_like(is_cut)
-        like[(c - 1) % period :: period] = True
-        ratios.append(diff[c - 1] / diff[like & ~is_cut].mean())
-    return torch.stack(ratios).mean().item()
-
-
 @torch.no_grad()
 def test_no_seams_at_tile_borders():
     """Tiled sampling of 256 x 256 photos (latent 128 x 128 in 16 x 16 tiles): the image
@@ -202,6 +191,6 @@ def test_no_seams_at_tile_borders():
         )  # fmt: skip
         starts = tile_starts(128, 16, overlap, align=2)
         cuts = sorted({2 * s for s in starts[1:]} | {2 * (s + 16) for s in starts[:-1]})
-        ratios[overlap] = [_seam_ratio(out, cuts, dim, period=16) for dim in (2, 3)]
+        ratios[overlap] = [seam_ratio(out, cuts, dim, period=16) for dim in (2, 3)]
     assert all(abs(r - 1) <= 0.1 for r in ratios[4]), ratios
     assert any(abs(r - 1) > 0.1 for r in ratios[0]), ratios

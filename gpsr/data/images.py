@@ -62,10 +62,33 @@ def find_images(root: str | Path, setting: str = "data.root") -> list[Path]:
     return files
 
 
+def _ends_whole(path: Path, fmt: str | None) -> bool:
+    """Whether the file ends where its format says it does (a truncated download or copy
+    does not): PNG's IEND chunk, JPEG's end-of-image marker (entropy-coded data never holds
+    one), the RIFF size of WebP, the file size stored by BMP. Other formats pass."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        f.seek(max(0, size - 4096))
+        tail = f.read()
+    if fmt == "PNG":
+        return b"IEND" in tail[-12:]
+    if fmt == "JPEG":
+        return b"\xff\xd9" in tail
+    if fmt == "WEBP":
+        return size >= 8 + int.from_bytes(head[4:8], "little")
+    if fmt == "BMP":
+        return size >= int.from_bytes(head[2:6], "little")
+    return True
+
+
 def read_header(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding pixels."""
+    """(width, height) from the file header, without decoding pixels; a file cut short
+    (`_ends_whole`) is refused here too, so it is found before any training."""
     try:
         with Image.open(path) as img:
+            if not _ends_whole(path, img.format):
+                raise ImageFileError(f"{path}: truncated (the file ends before its image does)")
             return img.size
     except Image.DecompressionBombError as err:
         raise ImageFileError(f"{path}: refused as a decompression bomb ({err})") from err

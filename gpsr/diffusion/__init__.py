@@ -2,6 +2,7 @@
 
 from gpsr.diffusion.gaussian import (
     PREDICTIONS,
+    SPACINGS,
     WEIGHTINGS,
     GaussianDiffusion,
     cosine_betas,
@@ -13,6 +14,7 @@ from gpsr.diffusion.gaussian import (
 
 __all__ = [
     "PREDICTIONS",
+    "SPACINGS",
     "WEIGHTINGS",
     "GaussianDiffusion",
     "cosine_betas",

@@ -27,6 +27,7 @@ from gpsr.utils.errors import ConfigError
 
 __all__ = [
     "PREDICTIONS",
+    "SPACINGS",
     "WEIGHTINGS",
     "linear_betas",
     "cosine_betas",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 PREDICTIONS = ("eps", "v", "x0")
+SPACINGS = ("linspace", "trailing")
 WEIGHTINGS = ("none", "min_snr")
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

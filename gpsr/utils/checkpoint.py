@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -213,11 +214,13 @@ def upgrade_checkpoint(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]
 
 
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint under `<run_dir>/checkpoints/` that loads and verifies, or None.
+    """The checkpoint under `<run_dir>/checkpoints/` furthest along in training (the largest
+    step stored in it) that loads and verifies, or None.
 
-    Checkpoints are written in step order, so the newest file is the furthest along; one
-    that fails to load (a stale or damaged file) is passed over with a warning. Temporary
-    files left by a save that was killed are removed first.
+    Ranked by the step a checkpoint holds, never by file times (a copied run folder has new
+    ones): periodic checkpoints carry it in their name (`step0001200.ckpt`), others
+    (`last.ckpt`) are read. One that fails to load (a stale or damaged file) is passed over
+    with a warning. Temporary files left by a save that was killed are removed first.
     """
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
@@ -225,17 +228,29 @@ def find_last_checkpoint(run_dir: str | Path) -> Path | None:
     for tmp in folder.glob(".*.ckpt.*.tmp"):
         log.warning("removing %s, left by an interrupted checkpoint save", tmp)
         tmp.unlink(missing_ok=True)
-    newest_first = sorted(
-        folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True
-    )
-    for path in newest_first:
+
+    def verified_step(path: Path) -> int | None:
         try:
-            load_checkpoint(path)
+            return int(load_checkpoint(path).get("global_step", -1))
         except CheckpointError as err:
             log.warning("not resuming from %s: %s", path, err)
-            continue
-        return path
-    return None
+            return None
+
+    best: tuple[int, Path] | None = None
+    named = []
+    for path in folder.glob("*.ckpt"):
+        match = re.fullmatch(r"step(\d+)", path.stem)
+        if match:
+            named.append((int(match.group(1)), path))
+        elif (step := verified_step(path)) is not None and (best is None or step > best[0]):
+            best = (step, path)
+    for step, path in sorted(named, reverse=True):
+        if best is not None and step <= best[0]:
+            break
+        if verified_step(path) is not None:
+            best = (step, path)
+            break
+    return best[1] if best else None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,6 +3,7 @@ turning gpsr's own errors into one clear line."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -17,7 +18,14 @@ from gpsr.utils.errors import ConfigError, GPSRError, OutputError
 
 log = logging.getLogger("gpsr")
 
-__all__ = ["CONFIG_DIR", "check_output_dir", "report_errors", "finish_wandb", "preflight"]
+__all__ = [
+    "CONFIG_DIR",
+    "check_output_dir",
+    "lock_run_dir",
+    "report_errors",
+    "finish_wandb",
+    "preflight",
+]
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -48,6 +56,17 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a gpsr error as one line. An error raised in a DataLoader worker
+    reaches the main process with the worker's traceback in its message; keep the error's
+    own last line."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return text
 
 
 def user_error(exc: BaseException) -> GPSRError | None:
@@ -87,8 +106,7 @@ def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if err is None or os.environ.get("GPSR_DEBUG"):
                 log.error("".join(traceback.format_exception(exc)))
                 raise
-            log.error("gpsr: %s", err)
-            print(f"gpsr: error: {err}", file=sys.stderr, flush=True)
+            print(f"gpsr: error: {one_line(err)}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         finally:
             finish_wandb(code)
@@ -96,9 +114,11 @@ def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def check_output_dir(path: str | Path, need_bytes: int = 0) -> Path:
+def check_output_dir(
+    path: str | Path, need_bytes: int = 0, setting: str = "paths.log_dir or hydra.run.dir"
+) -> Path:
     """Fail early, with the path in the message, if `path` cannot be created or written, or
-    its disk has less than `need_bytes` free."""
+    its disk has less than `need_bytes` free; `setting` names what the user can change."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -108,7 +128,7 @@ def check_output_dir(path: str | Path, need_bytes: int = 0) -> Path:
     except OSError as err:
         raise OutputError(
             f"output directory {path} is not writable ({err.strerror or err}); set "
-            f"paths.log_dir or hydra.run.dir to a writable place"
+            f"{setting} to a writable place"
         ) from None
     free = shutil.disk_usage(path).free
     if free < need_bytes:
@@ -117,6 +137,38 @@ def check_output_dir(path: str | Path, need_bytes: int = 0) -> Path:
             f"{need_bytes / 2**20:.0f} MiB for its checkpoints; free space or move paths.log_dir"
         )
     return path
+
+
+_LOCKS: dict[Path, object] = {}
+
+
+def lock_run_dir(path: str | Path) -> None:
+    """Hold `<path>/.gpsr.lock` until this process ends, or refuse in one line while another
+    run holds it. An flock: the kernel releases it when its process dies, even by SIGKILL,
+    so a killed run never leaves the folder locked. Only the first process of a run takes
+    it (environment RANK / SLURM_PROCID / LOCAL_RANK unset or 0)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if int(os.environ.get(key, "0") or 0) != 0:
+            return
+    path = Path(path).resolve()
+    if path in _LOCKS:
+        return
+    handle = open(path / ".gpsr.lock", "a+")  # noqa: SIM115 (held for the process's life)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputError(
+            f"run folder {path} is in use by another gpsr run ({owner}); wait for it to end "
+            f"or choose another hydra.run.dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _LOCKS[path] = handle
 
 
 OUTPUT_OVERRIDES = ("hydra.run.dir=", "hydra.sweep.dir=", "paths.log_dir=", "paths.root_dir=")
