@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,12 @@ def convert_release(
     leftover = [k for k in model if not k.startswith(known) and k not in schedule]
     if leftover:
         raise CheckpointError(f"{path}: unexpected release weights {sorted(leftover)[:3]}")
+    absent = sorted(schedule - set(model))
+    if absent:
+        raise CheckpointError(
+            f"{path} is not a complete diffusion checkpoint of the authors' release: its noise "
+            f"schedule buffers {absent[:3]} are missing"
+        )
 
     transform = sub_state(model, "flow.transform.")
     stats_raw = {k: transform.pop(k, None) for k in _STATS}
@@ -216,15 +223,14 @@ def convert_release(
         ema_unet, n_averaged = raw_unet, torch.tensor(1)
 
     diffusion = GaussianDiffusion(**settings["diffusion"])
-    if "dpm.alphas_cumprod" in model:
-        theirs = model["dpm.alphas_cumprod"].double()
-        ours = diffusion.alphas_cumprod
-        if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-5, atol=1e-7):
-            raise CheckpointError(
-                f"{path}: its noise schedule differs from the configured "
-                f"{settings['diffusion']['schedule']} schedule with T="
-                f"{settings['diffusion']['num_timesteps']}"
-            )
+    theirs = model["dpm.alphas_cumprod"].double()
+    ours = diffusion.alphas_cumprod
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-5, atol=1e-7):
+        raise CheckpointError(
+            f"{path}: its noise schedule differs from the configured "
+            f"{settings['diffusion']['schedule']} schedule with T="
+            f"{settings['diffusion']['num_timesteps']}"
+        )
 
     c3 = 3 * settings["flow"]["channels"]
     mean, var = stats_raw["details_mean"], stats_raw["details_var"]
@@ -314,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             release = torch.load(src, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
+            with open(src, "rb") as fh:
+                magic = fh.read(2)
+            if not zipfile.is_zipfile(src) and magic[:1] != b"\x80":
+                raise CheckpointError(
+                    f"{src} is not a torch checkpoint (neither a zip archive nor a pickle); "
+                    f"release= takes the .pt file of the authors' release"
+                ) from None
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CheckpointError(
                 f"{src} cannot be read safely as a torch checkpoint (weights_only=True): {first}"

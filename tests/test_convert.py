@@ -490,6 +490,12 @@ def test_bad_release_files_get_one_line(release, tmp_path, capsys):
     assert "unexpected release weights ['dpm.extra']" in run(extra)
     missing = {k: v for k, v in release["model_state_dict"].items() if "out.2" not in k}
     assert "missing" in run(dict(release, model_state_dict=missing))
+    no_schedule = {
+        k: v for k, v in release["model_state_dict"].items() if k != "dpm.alphas_cumprod"
+    }
+    assert "schedule buffers ['dpm.alphas_cumprod'] are missing" in run(
+        dict(release, model_state_dict=no_schedule)
+    )
     assert "scale=4 but the release model is 8x" in run(release, "scale=4")
     # Not the paper's shapes: without config= the paper's settings are assumed.
     src = tmp_path / "in.pt"
@@ -498,7 +504,9 @@ def test_bad_release_files_get_one_line(release, tmp_path, capsys):
     # Not a torch file at all, and an arbitrary pickle.
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main([f"release={tmp_path / 'junk.pt'}", f"out={tmp_path / 'y.ckpt'}"]) == 2
-    assert "cannot be read safely" in capsys.readouterr().err
+    assert "junk.pt is not a torch checkpoint (neither a zip archive nor a pickle)" in (
+        capsys.readouterr().err
+    )
     torch.save({"model_state_dict": object.__new__(json.JSONDecoder)}, tmp_path / "evil.pt")
     assert main([f"release={tmp_path / 'evil.pt'}", f"out={tmp_path / 'z.ckpt'}"]) == 2
     assert "weights_only=True" in capsys.readouterr().err

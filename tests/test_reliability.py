@@ -453,3 +453,20 @@ def test_truncated_jpeg_is_found_before_training_and_worker_errors_are_one_line(
     assert (
         one_line(info.value) == f"{root / 'cut.jpg'}: cannot be decoded (image file is truncated)"
     )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), RuntimeError("[enforce fail] file write failed")],
+)
+def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_file(
+    tmp_path, monkeypatch, failure
+):
+    def full(obj, fh):
+        fh.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError, match=r"cannot write checkpoint .*last.ckpt: no space left"):
+        atomic_save({"x": 1}, tmp_path / "last.ckpt")
+    assert list(tmp_path.iterdir()) == []

@@ -13,11 +13,13 @@ checkpoint without a seal is refused as well.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpsr.utils.errors import GPSRError
+from gpsr.utils.errors import GPSRError, OutputError
 
 __all__ = [
     "CheckpointError",
@@ -98,8 +100,18 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        no_space = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        # torch's zip writer reports a full disk as a RuntimeError ("file write failed").
+        no_space |= isinstance(err, RuntimeError) and "write failed" in str(err)
+        if no_space:
+            free = shutil.disk_usage(path.parent).free
+            raise OutputError(
+                f"cannot write checkpoint {path}: no space left on its disk "
+                f"({free / 2**20:.0f} MiB free); free space or move paths.log_dir (the "
+                f"checkpoints already written are intact)"
+            ) from None
         raise
 
 
