@@ -24,7 +24,19 @@ __all__ = ["SRMetricsCallback", "ImagePanelCallback", "FinalCheckpoint"]
 class FinalCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` that also saves last.ckpt when training ends between two periodic
     saves (Lightning keeps the last periodic one), so a finished run's last.ckpt holds its
-    final step and the results it logged."""
+    final step and the results it logged; and that flushes the loggers before each save, so
+    what was logged up to a checkpoint is on disk with it."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning logs a training step's metrics after its batch-end callbacks, i.e. after
+        # a periodic save: log them now, so a run killed right after this save keeps them
+        # (the CSV logger drops the identical row Lightning logs again a moment later).
+        connector = getattr(trainer, "_logger_connector", None)
+        if trainer.training and hasattr(connector, "update_train_step_metrics"):
+            connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
+        super()._save_checkpoint(trainer, filepath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

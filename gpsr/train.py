@@ -20,9 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gpsr.utils.checkpoint import find_last_checkpoint
+from gpsr.utils.checkpoint import checkpoint_step, find_last_checkpoint
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, lock_run_dir, preflight, report_errors
 from gpsr.utils.errors import InputNotFoundError
+from gpsr.utils.loggers import ResumableCSVLogger
 
 log = logging.getLogger("gpsr.train")
 
@@ -80,6 +81,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    if ckpt_path:
+        step = checkpoint_step(ckpt_path)
+        for lg in loggers:
+            if isinstance(lg, ResumableCSVLogger):
+                lg.resume_at(step)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _plain(trainer.callback_metrics)
     if cfg.test_after_fit and not datamodule.has_split("test"):

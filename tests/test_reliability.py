@@ -212,6 +212,16 @@ def test_csv_history_continues_after_resume(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     assert [r["step"] for r in rows] == ["0", "10"]
     assert rows[0]["train/loss"] == "1.0" and rows[1]["val/psnr"] == "20.0"
+    # Resumed from a checkpoint at step 5: the rows the stopped run logged from step 5 on
+    # (here step 10) are dropped; earlier ones stay.
+    third = ResumableCSVLogger(str(tmp_path), name="csv", version="")
+    third.log_metrics({"train/loss": 0.7}, step=7)  # buffered, not yet written
+    third.resume_at(5)
+    third.log_metrics({"train/loss": 0.6}, step=5)
+    third.save()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["0", "5"] and rows[1]["train/loss"] == "0.6"
+    assert "val/psnr" in rows[0]  # the header keeps every column
 
 
 # ------------------------------------------------------------------ errors: by type, not path

@@ -146,6 +146,7 @@ def test_sigkill_then_resume_auto(tmp_path):
         "data.batch_size=8",
         "data.demo_count=64",
         "callbacks.model_checkpoint.every_n_train_steps=3",
+        "trainer.log_every_n_steps=1",
         "test_after_fit=false",
         f"hydra.run.dir={run_dir}",
     ]
@@ -182,6 +183,12 @@ def test_sigkill_then_resume_auto(tmp_path):
     assert not list(ckpts.glob("*-v1.ckpt"))  # no step was redone
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "train/loss" in metrics
+    # One history: every training step once, none of the killed run's discarded steps twice.
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    steps = [int(float(r["step"])) for r in rows if r.get("train/loss")]
+    assert steps == list(range(target)), f"resumed at {newest}: {steps}"
 
 
 def test_wandb_is_offline_unless_a_key_or_an_explicit_setting(monkeypatch):

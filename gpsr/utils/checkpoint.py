@@ -36,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "check_gpsr_checkpoint",
     "find_last_checkpoint",
+    "checkpoint_step",
     "checkpoint_digest",
     "upgrade_checkpoint",
     "FORMAT_VERSION",
@@ -223,6 +224,13 @@ def upgrade_checkpoint(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]
                             st[k] = _qkv_v1_to_v2(v, heads)
     meta["version"] = FORMAT_VERSION
     return ckpt
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step a checkpoint holds (`global_step`), read without loading its
+    tensors into memory (mmap, weights_only)."""
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(data.get("global_step", 0))
 
 
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
