@@ -32,7 +32,8 @@ class FinalCheckpoint(ModelCheckpoint):
         # a periodic save: log them now, so a run killed right after this save keeps them
         # (the CSV logger drops the identical row Lightning logs again a moment later).
         connector = getattr(trainer, "_logger_connector", None)
-        if trainer.training and hasattr(connector, "update_train_step_metrics"):
+        in_batch = isinstance(getattr(connector, "_first_loop_iter", None), bool)
+        if trainer.training and in_batch and hasattr(connector, "update_train_step_metrics"):
             connector.update_train_step_metrics()
         for logger in trainer.loggers:
             logger.save()
