@@ -285,3 +285,19 @@ def test_random_crop_serves_full_resolution_patches_of_large_photos(tmp_path):
 def test_crop_setting_is_checked():
     with pytest.raises(ValueError, match="data.crop"):
         GPSRDataModule(source="demo", size=32, scale=4, crop="zoom")
+
+
+def test_skip_corrupt_leaves_bad_files_out_of_evaluation(tmp_path):
+    """A file whose pixels are damaged (its ending intact) is left out of the test split,
+    not replaced by a copy of another image: the count is the number of good files."""
+    root = _write_photos(tmp_path / "imgs", n=4)
+    data = bytearray((root / "img0.png").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    (root / "damaged.png").write_bytes(bytes(data))
+    dm = GPSRDataModule(
+        source="folder", root=str(root), size=64, scale=8, val_fraction=0.0, test_fraction=1.0,
+        skip_corrupt=True,
+    )  # fmt: skip
+    names = sorted(p.name for p in dm.dataset("test").items)
+    assert names == ["img0.png", "img1.jpg", "img2.webp", "img3.png"]
+    assert len(dm.test_dataloader().dataset) == 4

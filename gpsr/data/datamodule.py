@@ -145,7 +145,9 @@ class GPSRDataModule(L.LightningDataModule):
         scale: SR factor.
         batch_size, eval_batch_size, num_workers, pin_memory: loader settings.
         cache: decode every image once at setup and keep the uint8 tensors in RAM.
-        skip_corrupt, skip_small: leave undecodable / too small files out instead of failing.
+        skip_corrupt, skip_small: leave undecodable / too small files out instead of failing
+            (validation and test files are decoded once at setup, so a bad one is left out
+            and the image count says so; in training the next good image is drawn).
         demo_count: training patches per epoch of the demo, each cut at a random position
             of a training region (see `gpsr.data.demo`).
         demo_val, demo_test: held-out demo tiles for validation and testing (they share no
@@ -233,6 +235,15 @@ class GPSRDataModule(L.LightningDataModule):
             kept.append(path)
         return kept
 
+    def _decodes(self, path: Path) -> bool:
+        """Whether a file decodes in full (warns and returns False if not)."""
+        try:
+            decode_rgb(path)
+        except ImageFileError as err:
+            log.warning("skipping %s", err)
+            return False
+        return True
+
     def _decode_all(self, files: Sequence[Path]) -> torch.Tensor | list[torch.Tensor]:
         """Every file decoded once: (N, 3, S, S) resized squares, or with crop="random" the
         whole images (a list), cropped at each draw."""
@@ -259,6 +270,9 @@ class GPSRDataModule(L.LightningDataModule):
         for split, root in self.roots.items():
             if root:
                 items[split] = self._checked_files(find_images(root, f"data.{split}_root"))
+        if self.skip_corrupt:  # evaluation leaves a bad file out (training draws the next)
+            for split in ("val", "test"):
+                items[split] = [p for p in items.get(split, []) if self._decodes(p)]
         if self.cache:
             items = {k: self._decode_all(v) if len(v) else v for k, v in items.items()}
         return items
