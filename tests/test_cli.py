@@ -205,8 +205,8 @@ def test_sample_cli_processes_good_files_and_names_bad_ones(tmp_path, ddpm_ckpt)
     assert sr.shape == (64, 64, 3) and sr.dtype == np.float32
     assert (out / "odd_sr0.png").is_file()  # 10x9: processed (cropped only when needed)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("astro.png"))
-    assert "consistency x1e-5: float" in line
-    assert float(line.split("float ")[1].split(",")[0]) < 1e-3  # projected: consistent
+    assert "consistency x1e-5: sample" in line and "sampled in" in line
+    assert float(line.split("projected ")[2].split(",")[0]) < 1e-3  # projected: consistent
 
 
 @pytest.mark.parametrize(
