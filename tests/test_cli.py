@@ -229,6 +229,7 @@ def test_config_errors_are_one_clear_line(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert (proc.stdout + proc.stderr).count(message) == 1  # printed once, not also logged
 
 
 def test_wrong_checkpoints_are_one_clear_line(tmp_path, flow_ckpt, ddpm_ckpt):

@@ -480,3 +480,27 @@ def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_file(
     with pytest.raises(OutputError, match=r"cannot write checkpoint .*last.ckpt: no space left"):
         atomic_save({"x": 1}, tmp_path / "last.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_too_large_without_tiling_is_one_line_and_the_rest_go_on(
+    tmp_path, ddpm_ckpt, monkeypatch, capsys
+):
+    from gpsr.sample import sample_images
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "big.png", size=(64, 64))  # 8x model: latent 256 x 256, global attention
+    _png(src / "small.png", size=(4, 4))
+    monkeypatch.setattr("gpsr.pipeline.available_memory", lambda device: 64 * 2**20)
+    sampler = {
+        "steps": 1, "eta": 1.0, "samples": 1, "project": False, "spacing": "linspace",
+        "tile": None,
+    }  # fmt: skip
+    cfg = _sample_cfg(
+        ckpt=str(ddpm_ckpt), input=str(src), output=str(tmp_path / "o"), sampler=sampler
+    )
+    assert sample_images(cfg) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"skipped: {src / 'big.png'}: ")
+    assert "sampler.tile=auto" in err[0] and "GiB" in err[0]
+    assert (tmp_path / "o" / "small_sr.png").is_file()
