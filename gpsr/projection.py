@@ -91,6 +91,20 @@ def _sum(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).sum(1)
 
 
+def _outward(lam: torch.Tensor, r: torch.Tensor, bound: float) -> torch.Tensor:
+    """Multipliers at the bound |lam| = `bound` whose gradient r points further out.
+
+    The dual is maximised over |lam| <= bound, which is the exact-penalty form of the
+    projection: min ||x' - x||^2 / 2 + bound * ||D x' - y||_1 over the box. When the LR image
+    is reachable and `bound` exceeds the multipliers of its solution (the default leaves
+    a wide margin over every image tried), that is the exact projection; where no image in
+    the box can produce the LR pixels, the multipliers stop at the bound instead of growing
+    without end, and only those pixels are left inconsistent (an L1-least residual). The
+    projected gradient, r with these entries set to 0, is what must vanish at the optimum.
+    """
+    return ((lam >= bound) & (r > 0)) | ((lam <= -bound) & (r < 0))
+
+
 def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters: int):
     """Jacobi-preconditioned conjugate gradients for independent SPD systems (one per
     leading index); stops each system at relative residual `rtol` (n,)."""
@@ -127,14 +141,15 @@ def _newton_blocks(
     high: float,
     tol: float,
     budget: torch.Tensor,
+    bound: float,
     clamped_weight: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise each block's dual by semi-smooth Newton with Armijo backtracking.
 
     Block k: ah (k, b, P), aw (k, b, Q) the local factors; x, base (k, P, Q) the sample and
     `z - A_h^T lam A_w` on the block's HR pixels; y, lam (k, b, b); budget (k,) long, the
-    most Newton steps it may take. A block stops once the mean of its squared residual is at
-    most `tol`. Each step solves `A M A^T delta = r` (M: the unclamped pixels) by
+    most Newton steps it may take; `bound` the largest |lam| (`_outward`). A block stops once
+    the mean square of its projected gradient (`_outward`) is at most `tol`. Each step solves `A M A^T delta = r` (M: the unclamped pixels) by
     Jacobi-preconditioned CG, to a relative accuracy that tightens as the residual falls.
     When every pixel under an LR pixel is clamped that system is singular and Newton
     stalls, so a block whose line search had to backtrack gives its clamped pixels the small
@@ -159,7 +174,8 @@ def _newton_blocks(
         xp = z.clamp(low, high)
         r = y[i] - down(i, xp)
         q = _sum(0.5 * (xp - x[i]) ** 2 - (z - x[i]) * xp) + _sum(lam_i * y[i])
-        return z, r, q, (r * r).flatten(1).mean(1)
+        g = torch.where(_outward(lam_i, r, bound), 0.0, r)
+        return z, r, q, (g * g).flatten(1).mean(1)
 
     z, r, q, err = state(torch.arange(n), lam)
     err0 = err.clamp(min=1e-300)
@@ -173,23 +189,25 @@ def _newton_blocks(
         zl, rl, ql, lam_l = z[live], r[live], q[live], lam[live]
         free = ((zl >= low) & (zl <= high)).double()
         mask = free + (1.0 - free) * weight[live, None, None]
+        # Projected Newton: multipliers held at the bound by the gradient stay there.
+        held = _outward(lam_l, rl, bound).double()
 
-        def normal(v, i=live, m=mask):
-            return down(i, m * lift(i, v)) + ridge * v
+        def normal(v, i=live, m=mask, h=held):
+            return (1.0 - h) * (down(i, m * lift(i, (1.0 - h) * v)) + ridge * v) + h * v
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
         rtol = (err[live] / err0[live]).sqrt().clamp(min=1e-12, max=0.1)
-        delta = _pcg(normal, down(live, mask, sq=True) + ridge, rl, rtol, iters=200)
-        # Armijo backtracking on the concave dual, whose gradient is r: delta is an ascent
-        # direction, so a small enough step always increases q.
-        slope = _sum(rl * delta)
+        diag = (1.0 - held) * (down(live, mask, sq=True) + ridge) + held
+        delta = _pcg(normal, diag, (1.0 - held) * rl, rtol, iters=200)
+        # Armijo backtracking along the projection arc on the concave dual, whose gradient
+        # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
         done = torch.zeros(live.numel(), dtype=torch.bool)
         new = (zl, rl, ql, err[live])
         for _ in range(40):
-            cand = lam_l + step[:, None, None] * delta
+            cand = (lam_l + step[:, None, None] * delta).clamp(-bound, bound)
             trial = state(live, cand)
-            ok = ~done & (trial[2] >= ql + 1e-4 * step * slope)
+            ok = ~done & (trial[2] >= ql + 1e-4 * _sum(rl * (cand - lam_l)))
             lam_l = torch.where(ok[:, None, None], cand, lam_l)
             new = tuple(
                 torch.where(ok.reshape(-1, *[1] * (t.dim() - 1)), t, o) for t, o in zip(trial, new)
@@ -217,6 +235,8 @@ def project_consistent_box(
     block: int = 16,
     max_sweeps: int = 30,
     chunk: int = 2**22,
+    patience: int = 3,
+    max_dual: float = 1000.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
@@ -231,8 +251,17 @@ def project_consistent_box(
     region that spans several blocks is finally solved as one. Sweeps repeat until every
     image's consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken
     `max_iter` Newton steps (the most any of its blocks took in a sweep, summed over the
-    sweeps; an LR image that no image in the box can produce ends here), or after
-    `max_sweeps`. Computed in float64; every output pixel lies in the box.
+    sweeps), after `max_sweeps`, or once `patience` sweeps in a row have not improved it.
+
+    An LR image that no image in the box can produce (an upscaled or sharpened photo with
+    clipped, one-pixel-thin dark or bright lines can be one) has no exact projection. The
+    multipliers are therefore bounded, |lam| <= max_dual * s^2 (pixel changes are about
+    lam / s^2; `_outward` says why this is the exact projection wherever the LR image is
+    reachable): the unreachable LR pixels are left with a small residual and every other
+    one is made consistent. The measure of progress is then the projected gradient (the
+    residual, less the entries of multipliers held at the bound), and each (image, channel)
+    returns its best iterate by that measure. Computed in float64; every output pixel lies
+    in the box.
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (x' (N, C, H, W) in [low, high],
     Newton steps per image (N,) long).
     """
@@ -246,14 +275,24 @@ def project_consistent_box(
     z = x64.clone()
     steps = torch.zeros(n * c, dtype=torch.long)
 
-    def residual() -> torch.Tensor:
-        return y64 - separable(op_h, op_w, z.clamp(low, high))
+    bound = max_dual * scale**2
 
-    for sweep in range(max_sweeps):
+    def residual() -> torch.Tensor:
+        """The projected gradient (n*c, h, w): the residual y - D clamp(z) less the entries
+        of multipliers held at the bound."""
+        r = y64 - separable(op_h, op_w, z.clamp(low, high))
+        return torch.where(_outward(lam, r, bound), 0.0, r)
+
+    best_z, best_err = z.clone(), torch.full((n * c,), float("inf"), dtype=torch.float64)
+    stalled = torch.zeros(n * c, dtype=torch.long)
+    for sweep in range(max_sweeps + 1):
         r = residual()
         err = (r * r).flatten(1).mean(1)
-        busy = (err > tol) & (steps < max_iter)
-        if not bool(busy.any()):
+        better = err < best_err
+        best_z[better], best_err[better] = z[better], err[better]
+        stalled = torch.where(better, torch.zeros_like(stalled), stalled + 1)
+        busy = (err > tol) & (steps < max_iter) & (stalled < patience)
+        if sweep == max_sweeps or not bool(busy.any()):
             break
         # Regions that stay hard are solved together in larger blocks (up to 512 HR pixels).
         side = max(block, min(block * 2 ** (sweep // 2), 512 // scale))
@@ -278,20 +317,32 @@ def project_consistent_box(
                 part = todo[start : start + per_chunk]
                 budget = (max_iter - steps[[p[0] for p in part]]).clamp(max=sweep_iter)
                 its = _solve_blocks(
-                    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, low, high, tol / 4, budget
+                    part,
+                    rows,
+                    cols,
+                    ah_all,
+                    aw_all,
+                    x64,
+                    y64,
+                    z,
+                    lam,
+                    (low, high, tol / 4, bound),
+                    budget,
                 )
                 for (si, _, _), k in zip(part, its.tolist()):
                     taken[si] = max(int(taken[si]), k)
         steps += taken
-    xp = z.clamp(low, high).to(x.dtype).reshape(x.shape)
+    xp = best_z.clamp(low, high).to(x.dtype).reshape(x.shape)
     return xp, steps.reshape(n, c).amax(1)
 
 
 def _solve_blocks(
-    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, low, high, tol, budget
+    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, settings, budget
 ) -> torch.Tensor:
     """Solve the blocks `part` [(slice, block row, block col)] within `budget` (k,) Newton
-    steps each, write lam and z back; returns the steps taken (k,)."""
+    steps each, settings = (low, high, tol, bound) as in `_newton_blocks`; write lam and z
+    back; returns the steps taken (k,)."""
+    low, high, tol, bound = settings
     bi = torch.tensor([p[1] for p in part])
     bj = torch.tensor([p[2] for p in part])
     ah, aw = ah_all[bi], aw_all[bj]
@@ -309,7 +360,7 @@ def _solve_blocks(
         ys[j, : i1 - i0, : j1 - j0] = y64[si, i0:i1, j0:j1]
         ls[j, : i1 - i0, : j1 - j0] = lam[si, i0:i1, j0:j1]
     base = zs - ah.transpose(1, 2) @ ls @ aw
-    ls, its = _newton_blocks(ah, aw, xs, base, ys, ls, low, high, tol, budget)
+    ls, its = _newton_blocks(ah, aw, xs, base, ys, ls, low, high, tol, budget, bound)
     zs = base + ah.transpose(1, 2) @ ls @ aw
     for j, (si, r, c) in enumerate(part):
         i0, i1, p0, p1 = rows[r]

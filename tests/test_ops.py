@@ -198,3 +198,28 @@ def test_downsample_average_is_the_block_mean():
     x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     blocks = x.reshape(2, 3, 2, 4, 3, 4).mean(dim=(3, 5))
     assert torch.allclose(ops.downsample_average(x, 4), blocks, atol=1e-6)
+
+
+def test_box_projection_of_an_unreachable_lr_image_is_exact_elsewhere():
+    """An LR checkerboard (the Nyquist frequency, which the antialiasing kernel removes) cannot
+    come from any image in [0, 1]: an unbounded dual diverges there and, solved block by
+    block, spoils the rest of the image. With bounded multipliers the projection must stop
+    before its whole step budget, stay in the box, end more consistent than its input, and
+    make every LR pixel away from the checkerboard consistent to float precision."""
+    import skimage.data
+
+    hr = torch.from_numpy(skimage.data.coffee()[:256:2, :256:2].copy()).permute(2, 0, 1)
+    hr = hr[None].double() / 255
+    y = ops.degrade(hr, 4)
+    y[..., 12:20, 12:20] = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2
+    gen = torch.Generator().manual_seed(0)
+    x = (hr + 0.05 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    xp, steps = project_consistent_box(x, y, 4, max_iter=300)
+    r2 = (ops.degrade(xp, 4) - y) ** 2
+    r2_in = ((ops.degrade(x, 4) - y) ** 2).flatten(1).mean(1)
+    assert 0 <= xp.min() and xp.max() <= 1
+    assert (r2.flatten(1).mean(1) <= r2_in).all()
+    assert (steps < 300).all()
+    far = torch.ones_like(r2, dtype=torch.bool)
+    far[..., 6:26, 6:26] = False  # the checkerboard and a margin of 6 LR pixels around it
+    assert r2[far].max() < 1e-10
