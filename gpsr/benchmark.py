@@ -3,7 +3,9 @@
 Every row is measured twice in one run on one device: the straightforward path
 ("reference": fp32, eager, plain modules and optimiser, as the authors' release runs) and the
 optimised default ("optimized": bf16 autocast for the subnets and UNet, channels-last,
-torch.compile, fused AdamW, TF32, activation checkpointing of the flow). Writes
+torch.compile, fused AdamW, TF32, activation checkpointing of the flow). The optimisers and
+gradient clipping are the training stages' own (conf/stage/*.yaml), the DDPM step is
+`GPSR.training_loss` and the flow step `flow_loss_terms`, as in training. Writes
 `benchmark.json` (rows: name, mode, batch, img_per_s, tflops, peak_gib, device) and
 `benchmark.md`. With `trust.ckpt=<trained DDPM ckpt>` it also reports, per precision, the
 consistency and invertibility error of that model.
@@ -14,32 +16,39 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import statistics
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.flow import DegradationFlow, flow_loss_terms
+from gpsr.models.gpsr import GPSR
+from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
-from gpsr.pipeline import LatentStats, super_resolve_signed
+from gpsr.report import benchmark_markdown
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device, synchronize
-from gpsr.utils.speed import apply_speedups, set_tf32
+from gpsr.utils.device import device_name, pick_device
+from gpsr.utils.speed import set_tf32
+from gpsr.utils.timing import count_flops, median_seconds
 
 log = logging.getLogger("gpsr.benchmark")
 
 __all__ = ["run_benchmark", "main"]
 
 MODES = ("reference", "optimized")
+
+
+def stage_training(stage: str) -> tuple[Any, float | None]:
+    """(optimizer node, grad_clip) of a training stage's config, conf/stage/<stage>.yaml."""
+    node = OmegaConf.load(f"{CONFIG_DIR}/stage/{stage}.yaml").module
+    return node.optimizer, node.get("grad_clip")
 
 
 class Setup:
@@ -51,32 +60,29 @@ class Setup:
         cuda = device.type == "cuda"
         set_tf32(opt and cuda)
         torch.manual_seed(0)
-        self.flow = DegradationFlow(scale=cfg.scale, **cfg.model.flow).to(device)
-        self.unet = UNet(**cfg.model.unet).to(device)
+        flow = DegradationFlow(scale=cfg.scale, **cfg.model.flow).to(device)
+        unet = UNet(**cfg.model.unet).to(device)
         # Random but non-trivial weights, so no coupling is the identity.
         with torch.no_grad():
-            for p in list(self.flow.parameters()) + list(self.unet.parameters()):
+            for p in list(flow.parameters()) + list(unet.parameters()):
                 if p.abs().sum() == 0:
                     p.normal_(0, 1e-3)
-        self.diffusion = GaussianDiffusion()
-        self.stats = LatentStats(3 * self.flow.channels).to(device)
-        self.stats.ready.fill_(True)
+        stats = LatentStats(3 * flow.channels).to(device)
+        stats.ready.fill_(True)
+        self.model = GPSR(flow, unet, GaussianDiffusion(), stats)
+        self.flow, self.unet = flow, unet
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if opt else contextlib.nullcontext()
         )
         self.compile = opt and cuda and cfg.compile
-        apply_speedups(
-            self.flow,
-            self.unet,
-            checkpointing=opt,
-            channels_last=opt and cuda,
-            compile=self.compile,
-        )
+        flow.speed_up(checkpointing=opt, channels_last=opt and cuda, compile=self.compile)
+        unet.speed_up(channels_last=opt and cuda, compile=self.compile)
         fused = {"fused": True} if opt and cuda else {}
-        self.flow_opt = torch.optim.AdamW(
-            self.flow.parameters(), lr=1e-4, weight_decay=1e-5, **fused
+        (flow_opt, self.flow_clip), (unet_opt, self.unet_clip) = map(
+            stage_training, ("flow", "ddpm")
         )
-        self.unet_opt = torch.optim.Adam(self.unet.parameters(), lr=1e-4, **fused)
+        self.flow_opt = instantiate(flow_opt, **fused)(flow.parameters())
+        self.unet_opt = instantiate(unet_opt, **fused)(unet.parameters())
 
     def images(self, n: int, size: int) -> torch.Tensor:
         x = torch.rand(n, self.flow.channels, size, size, device=self.device) * 2 - 1
@@ -87,19 +93,17 @@ class Setup:
         with self.autocast:
             loss = flow_loss_terms(self.flow, ops.dequantize(x), ops.QUANT_STEP)["loss"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.flow.parameters(), 10.0)
+        if self.flow_clip:
+            torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.flow_clip)
         self.flow_opt.step()
         self.flow_opt.zero_grad(set_to_none=True)
 
     def ddpm_train(self, x: torch.Tensor) -> None:
-        with torch.no_grad(), self.autocast:
-            coarse, z, _ = self.flow(ops.dequantize(x))
         with self.autocast:
-            loss = self.diffusion.training_loss(
-                self.unet, self.stats.normalise(z.float()), coarse.float()
-            )
+            loss = self.model.training_loss(ops.dequantize(x))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        if self.unet_clip:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.unet_clip)
         self.unet_opt.step()
         self.unet_opt.zero_grad(set_to_none=True)
 
@@ -114,36 +118,7 @@ class Setup:
     def sample(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         lr = ops.degrade(x, self.flow.scale)
         with self.autocast:
-            return super_resolve_signed(self.flow, lr, steps, self.unet, self.diffusion, self.stats)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of `fn` after warm-up (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call, counted by torch's FLOP counter."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+            return self.model.sample_signed(lr, steps)
 
 
 def _row(
@@ -181,7 +156,7 @@ def _measure(setup: Setup, name: str, batch: int, cfg: DictConfig, flop_fn=None)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    seconds = _time(ops_[name], dev, cfg.warmup, cfg.repeats)
+    seconds = median_seconds(ops_[name], dev, cfg.warmup, cfg.repeats)
     return _row(
         name,
         setup.mode,
@@ -189,25 +164,8 @@ def _measure(setup: Setup, name: str, batch: int, cfg: DictConfig, flop_fn=None)
         seconds,
         flop_fn(batch) if flop_fn else None,
         dev,
-        _device_name(dev),
+        device_name(dev),
     )
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        models = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        name = models[0] if models else name
-    return f"CPU ({name}, {torch.get_num_threads()} threads)"
 
 
 def _flop_counts(cfg: DictConfig, device: torch.device) -> dict[str, Callable[[int], int]]:
@@ -218,9 +176,9 @@ def _flop_counts(cfg: DictConfig, device: torch.device) -> dict[str, Callable[[i
     coarse = ops.upsample_nearest(lr, ref.flow.k)
     zhat = torch.zeros(1, *ref.flow.latent_shape(*lr.shape[-2:]), device=device)
     with torch.no_grad():
-        flow_fwd = _flops(lambda: ref.flow(x))
-        unet_fwd = _flops(
-            lambda: ref.unet(torch.cat([zhat, coarse], 1), torch.zeros(1, device=device))
+        flow_fwd = count_flops(lambda: ref.flow(x))
+        unet_fwd = count_flops(
+            lambda: CoarseConditioned(ref.unet, coarse)(zhat, torch.zeros(1, device=device))
         )
     return {
         "flow_train": lambda b: 3 * flow_fwd * b,
@@ -254,7 +212,6 @@ def _largest_flow_batch(setup: Setup, cfg: DictConfig, start: int) -> int | None
 def trust_report(ckpt: str, cfg: DictConfig, device: torch.device) -> list[dict[str, Any]]:
     """Consistency and invertibility of a trained model under each precision mode."""
     from gpsr.data import GPSRDataModule
-    from gpsr.inference import GPSR
     from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
 
     model = GPSR.load(ckpt, device=device)
@@ -276,7 +233,9 @@ def trust_report(ckpt: str, cfg: DictConfig, device: torch.device) -> list[dict[
         with ctx:
             coarse, latent, _ = model.flow(hr)
             inv_err = (model.flow.inverse(coarse, latent).float() - hr).abs().max().item()
-            sr = model.super_resolve(ops.to_unit(lr), steps=cfg.trust.steps, seed=0)
+            sr = model.super_resolve(
+                ops.to_unit(lr), steps=cfg.sampler.steps, eta=cfg.sampler.eta, seed=0
+            )
         cons = per_image_consistency(sr.float(), ops.to_unit(lr), model.scale).mean().item()
         rows.append(
             {
@@ -285,7 +244,7 @@ def trust_report(ckpt: str, cfg: DictConfig, device: torch.device) -> list[dict[
                 "consistency_x1e5": cons / CONSISTENCY_UNIT,
                 "invertibility_max_abs": inv_err,
                 "images": hr.shape[0],
-                "device": _device_name(device),
+                "device": device_name(device),
             }
         )
     return rows
@@ -307,7 +266,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
             rows.append(_measure(setup, "flow_train", largest, cfg, flops["flow_train"]))
         del setup
     result: dict[str, Any] = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "rows": rows,
@@ -315,45 +274,9 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trust.ckpt:
         result["trust"] = trust_report(cfg.trust.ckpt, cfg, device)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
-    (out / "benchmark.md").write_text(markdown(result))
-    log.info("\n%s", markdown(result))
+    (out / "benchmark.md").write_text(benchmark_markdown(result))
+    log.info("\n%s", benchmark_markdown(result))
     return result
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """Table with the optimised / reference speed-up of each (name, batch)."""
-    ref = {(r["name"], r["batch"]): r for r in result["rows"] if r["mode"] == "reference"}
-    lines = [
-        f"Device: {result['device']}, torch {result['torch']}",
-        "",
-        "| what | batch | mode | img/s | TFLOP/s | peak GiB | GiB / img | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        base = ref.get((r["name"], r["batch"]))
-        speed = (
-            f"{r['img_per_s'] / base['img_per_s']:.2f}x"
-            if base and r["mode"] == "optimized"
-            else ""
-        )
-        fmt = lambda v, f: f.format(v) if v is not None else "n/a"  # noqa: E731
-        per_img = r["peak_gib"] / r["batch"] if r["peak_gib"] is not None else None
-        lines.append(
-            f"| {r['name']} | {r['batch']} | {r['mode']} | {r['img_per_s']:.2f} | "
-            f"{fmt(r['tflops'], '{:.2f}')} | {fmt(r['peak_gib'], '{:.2f}')} | "
-            f"{fmt(per_img, '{:.3f}')} | {speed} |"
-        )
-    if "trust" in result:
-        lines += [
-            "",
-            "| precision | consistency (x1e-5) | invertibility max abs |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| {t['precision']} | {t['consistency_x1e5']:.4g} | {t['invertibility_max_abs']:.2e} |"
-            for t in result["trust"]
-        ]
-    return "\n".join(lines) + "\n"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="benchmark")

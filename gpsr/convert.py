@@ -2,6 +2,9 @@
 
     python -m gpsr.convert release=<file.pt> out=<file.ckpt> [ema=true] [config=<json>]
 
+A Hydra app like the other entry points (conf/convert.yaml; `hydra.run.dir=` and the other
+`key=value` overrides work the same way).
+
 The authors' release saves, with `torch.save`, a dict holding `model_state_dict` (its
 `SuperResolver`: the flow under `flow.transform.`, the UNet under `dpm.unet.`, the noise
 schedule as `dpm.*` buffers, the latent statistics as `flow.transform.details_*` buffers),
@@ -27,18 +30,21 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
 from gpsr.diffusion import GaussianDiffusion
-from gpsr.loading import sub_state
+from gpsr.loading import FORMAT_VERSION, ddpm_hyper_parameters, sub_state
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
-from gpsr.utils.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_digest
+from gpsr.utils.checkpoint import CheckpointError, atomic_save, checkpoint_digest
+from gpsr.utils.cli import CONFIG_DIR, preflight, report_errors
 from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.convert")
 
-__all__ = ["PAPER_RELEASE_CONFIG", "gpsr_settings", "convert_release", "main"]
+__all__ = ["PAPER_RELEASE_CONFIG", "gpsr_settings", "convert_release", "convert", "main"]
 
 # The release's configs/ffhq128_8x.json (model settings only).
 PAPER_RELEASE_CONFIG: dict[str, Any] = {
@@ -246,20 +252,15 @@ def convert_release(
     state["stats.zmin"] = stats_raw["details_min"].min().float().reshape(())
     state["stats.zmax"] = stats_raw["details_max"].max().float().reshape(())
     state["stats.ready"] = torch.tensor(True)
-    hyper = {
-        "flow_ckpt": None,
-        "scale": settings["scale"],
-        "flow": settings["flow"],
-        "unet": settings["unet"],
-        "diffusion": settings["diffusion"],
-        "ema_decay": settings["ema_decay"],
-        "ema_warmup": False,
-        "val_steps": 7,
-        "val_eta": 1.0,
-        "val_seed": 0,
-        "panel_samples": 4,
-        "diagnostic_buckets": 10,
-    }
+    hyper = ddpm_hyper_parameters(
+        settings["scale"],
+        settings["flow"],
+        settings["unet"],
+        settings["diffusion"],
+        flow_ckpt=None,
+        ema_decay=settings["ema_decay"],
+        ema_warmup=False,
+    )
     ckpt = {
         "state_dict": state,
         "hyper_parameters": hyper,
@@ -274,68 +275,44 @@ def convert_release(
     return ckpt
 
 
-def _parse(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("release", "out", "ema", "config", "scale"):
-            raise ConfigError(
-                f"unknown argument {item!r}; usage: python -m gpsr.convert release=<file.pt> "
-                f"out=<file.ckpt> [ema=true|false] [config=<release json>] [scale=8]"
-            )
-        args[key] = value
-    for key in ("release", "out"):
-        if key not in args:
-            raise ConfigError(f"{key}= is required (python -m gpsr.convert release=... out=...)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (errors are one line on stderr)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        args = _parse(sys.argv[1:] if argv is None else argv)
-        ema = args.get("ema", "true").lower()
-        if ema not in ("true", "false"):
-            raise ConfigError(f"ema must be true or false, got {args['ema']!r}")
-        config = None
-        if "config" in args:
-            try:
-                config = json.loads(Path(args["config"]).read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ConfigError(
-                    f"config={args['config']}: cannot read it as JSON ({err})"
-                ) from None
-        settings = gpsr_settings(config or PAPER_RELEASE_CONFIG)
-        if "scale" in args and int(args["scale"]) != settings["scale"]:
-            raise ConfigError(
-                f"scale={args['scale']} but the release model is {settings['scale']}x "
-                f"(the paper's model is FFHQ-128 8x; pass its config=<json> for another)"
-            )
-        src, out = Path(args["release"]), Path(args["out"])
-        if not src.is_file():
-            raise ConfigError(f"release={src} does not exist")
-        if out.exists():
-            raise ConfigError(f"out={out} already exists; choose another name or remove it")
+def convert(cfg: DictConfig) -> Path:
+    """`gpsr.convert`'s work: read `cfg.release` safely, convert it, write `cfg.out`
+    atomically; a `GPSRError` (one line) for anything it cannot use. -> the written path."""
+    config = None
+    if cfg.config is not None:
         try:
-            release = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
-            with open(src, "rb") as fh:
-                magic = fh.read(2)
-            if not zipfile.is_zipfile(src) and magic[:1] != b"\x80":
-                raise CheckpointError(
-                    f"{src} is not a torch checkpoint (neither a zip archive nor a pickle); "
-                    f"release= takes the .pt file of the authors' release"
-                ) from None
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            config = json.loads(Path(cfg.config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"config={cfg.config}: cannot read it as JSON ({err})") from None
+    settings = gpsr_settings(config or PAPER_RELEASE_CONFIG)
+    if cfg.scale is not None and int(cfg.scale) != settings["scale"]:
+        raise ConfigError(
+            f"scale={cfg.scale} but the release model is {settings['scale']}x "
+            f"(the paper's model is FFHQ-128 8x; pass its config=<json> for another)"
+        )
+    if not isinstance(cfg.ema, bool):
+        raise ConfigError(f"ema must be true or false, got {cfg.ema!r}")
+    src, out = Path(cfg.release), Path(cfg.out)
+    if not src.is_file():
+        raise ConfigError(f"release={src} does not exist")
+    if out.exists():
+        raise ConfigError(f"out={out} already exists; choose another name or remove it")
+    try:
+        release = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
+        with open(src, "rb") as fh:
+            magic = fh.read(2)
+        if not zipfile.is_zipfile(src) and magic[:1] != b"\x80":
             raise CheckpointError(
-                f"{src} cannot be read safely as a torch checkpoint (weights_only=True): {first}"
+                f"{src} is not a torch checkpoint (neither a zip archive nor a pickle); "
+                f"release= takes the .pt file of the authors' release"
             ) from None
-        ckpt = convert_release(release, src, ema=ema == "true", config=config)
-        atomic_save(ckpt, out)
-    except (ValueError, CheckpointError) as err:
-        print(f"gpsr: error: {err}", file=sys.stderr)
-        return 2
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"{src} cannot be read safely as a torch checkpoint (weights_only=True): {first}"
+        ) from None
+    ckpt = convert_release(release, src, ema=cfg.ema, config=config)
+    atomic_save(ckpt, out)
     n = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith(("flow.", "unet.")))
     log.info(
         "wrote %s: %s (%s parameters, scale %d)",
@@ -344,8 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{n:,}",
         settings["scale"],
     )
-    return 0
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="convert")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    convert(cfg)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    preflight(sys.argv[1:])
+    main()

@@ -26,10 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
-from gpsr.inference import GPSR
+from gpsr.diffusion import add_diagnostic, diagnostic_means
 from gpsr.metrics import SRMetrics
+from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
-from gpsr.pipeline import add_diagnostic, diagnostic_means, timestep_diagnostic
 from gpsr.tiling import Tiling
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device, synchronize
@@ -147,16 +147,7 @@ def run_methods(
         idx = batch["index"].tolist()
         run.images += hr.shape[0]
         if model.unet is not None and cfg.diagnostic_buckets > 0:
-            part = timestep_diagnostic(
-                model.flow,
-                model.unet,
-                model.diffusion,
-                model.stats,
-                batch["hr"].to(device),
-                idx,
-                cfg.seed,
-                cfg.diagnostic_buckets,
-            )
+            part = model.diagnostic(batch["hr"].to(device), idx, cfg.seed, cfg.diagnostic_buckets)
             run.diagnostic = add_diagnostic(run.diagnostic, part)
         outputs = {}
         for name, (fn, _) in methods.items():

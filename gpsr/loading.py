@@ -16,16 +16,45 @@ from torch import nn
 
 from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.flow import DegradationFlow
+from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
-from gpsr.pipeline import LatentStats
-from gpsr.utils.checkpoint import (
-    CheckpointError,
-    check_gpsr_checkpoint,
-    load_checkpoint,
-    upgrade_checkpoint,
-)
+from gpsr.utils.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
 
-__all__ = ["read_checkpoint", "sub_state", "build_flow", "build_latent_diffusion", "load_flow"]
+__all__ = [
+    "FORMAT_VERSION",
+    "read_checkpoint",
+    "upgrade_checkpoint",
+    "ddpm_hyper_parameters",
+    "sub_state",
+    "build_flow",
+    "build_latent_diffusion",
+    "load_flow",
+]
+
+# 1: gpsr 0.1 (UNet attention qkv as (3, heads, d); ResBlock `out_norm`, `skip`).
+# 2: improved-diffusion's layout and names (qkv as (heads, 3, d); `out_layers.0`,
+#    `skip_connection`), identical to the paper authors' release.
+FORMAT_VERSION = 2
+
+
+def ddpm_hyper_parameters(
+    scale: int,
+    flow: dict[str, Any],
+    unet: dict[str, Any],
+    diffusion: dict[str, Any],
+    **training: Any,
+) -> dict[str, Any]:
+    """What a DDPM-stage checkpoint stores as `hyper_parameters`, for the stage and for
+    `gpsr.convert` alike: the settings that rebuild its models (`build_flow`,
+    `build_latent_diffusion`) and the stage's training settings (`training`, keyword
+    arguments of `LatentDiffusionModule`)."""
+    return {
+        "scale": int(scale),
+        "flow": dict(flow),
+        "unet": dict(unet),
+        "diffusion": dict(diffusion),
+        **training,
+    }
 
 
 def read_checkpoint(
@@ -80,3 +109,58 @@ def load_flow(path: str | Path, scale: int | None = None) -> tuple[DegradationFl
     """The trained flow of a flow-stage checkpoint: -> (flow in eval mode, its hparams)."""
     data = read_checkpoint(path, stage="flow", scale=scale)
     return build_flow(data, path), data.get("hyper_parameters", {})
+
+
+def _unet_v1_to_v2(state: dict[str, torch.Tensor], prefix: str, heads: int) -> dict:
+    """Rename one UNet's ResBlock keys and regroup its attention qkv rows (format 1 -> 2)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            if rest.endswith(("qkv.weight", "qkv.bias")):
+                value = _qkv_v1_to_v2(value, heads)
+            rest = rest.replace(".out_layers.2.", ".out_layers.3.")
+            rest = rest.replace(".out_norm.", ".out_layers.0.").replace(
+                ".skip.", ".skip_connection."
+            )
+            key = prefix + rest
+        out[key] = value
+    return out
+
+
+def _qkv_v1_to_v2(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows (3, heads, d) -> (heads, 3, d) of a qkv weight (3C, C, 1) or bias (3C,)."""
+    rows = t.shape[0]
+    return t.reshape(3, heads, rows // (3 * heads), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Convert a checkpoint of an older format to `FORMAT_VERSION`, in place; return it.
+
+    Format 1 DDPM checkpoints get their UNet and EMA weights, and the Adam moments of the
+    qkv weights, regrouped (see the version notes above). A newer format than this gpsr
+    knows is refused with one line.
+    """
+    meta = ckpt["gpsr"]
+    version = int(meta.get("version", 1))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format {version}, newer than this gpsr understands "
+            f"({FORMAT_VERSION}): upgrade gpsr"
+        )
+    if version < 2 and meta.get("stage") == "ddpm":
+        heads = int(ckpt.get("hyper_parameters", {}).get("unet", {}).get("num_heads", 4))
+        state = ckpt["state_dict"]
+        names = [k[len("unet.") :] for k in state if k.startswith("unet.")]
+        for prefix in ("unet.", "ema.module."):
+            state = _unet_v1_to_v2(state, prefix, heads)
+        ckpt["state_dict"] = state
+        # Adam's moments follow the UNet's parameters (the only trainable ones), in order.
+        for opt in ckpt.get("optimizer_states", []):
+            for idx, st in opt.get("state", {}).items():
+                if int(idx) < len(names) and names[int(idx)].endswith(("qkv.weight", "qkv.bias")):
+                    for k, v in st.items():
+                        if isinstance(v, torch.Tensor) and v.dim() > 0:
+                            st[k] = _qkv_v1_to_v2(v, heads)
+    meta["version"] = FORMAT_VERSION
+    return ckpt

@@ -20,7 +20,7 @@ from gpsr.utils.errors import InputNotFoundError
 
 log = logging.getLogger("gpsr.report")
 
-__all__ = ["collect", "write_report", "SweepReportCallback", "main"]
+__all__ = ["collect", "write_report", "SweepReportCallback", "benchmark_markdown", "main"]
 
 
 BASELINE_STYLE = {
@@ -144,3 +144,40 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def benchmark_markdown(result: dict[str, Any]) -> str:
+    """`gpsr.benchmark`'s table: each (operation, batch) in both modes with the optimised /
+    reference speed-up, and the trust rows when present."""
+    ref = {(r["name"], r["batch"]): r for r in result["rows"] if r["mode"] == "reference"}
+    lines = [
+        f"Device: {result['device']}, torch {result['torch']}",
+        "",
+        "| what | batch | mode | img/s | TFLOP/s | peak GiB | GiB / img | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        base = ref.get((r["name"], r["batch"]))
+        speed = (
+            f"{r['img_per_s'] / base['img_per_s']:.2f}x"
+            if base and r["mode"] == "optimized"
+            else ""
+        )
+        fmt = lambda v, f: f.format(v) if v is not None else "n/a"  # noqa: E731
+        per_img = r["peak_gib"] / r["batch"] if r["peak_gib"] is not None else None
+        lines.append(
+            f"| {r['name']} | {r['batch']} | {r['mode']} | {r['img_per_s']:.2f} | "
+            f"{fmt(r['tflops'], '{:.2f}')} | {fmt(r['peak_gib'], '{:.2f}')} | "
+            f"{fmt(per_img, '{:.3f}')} | {speed} |"
+        )
+    if "trust" in result:
+        lines += [
+            "",
+            "| precision | consistency (x1e-5) | invertibility max abs |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {t['precision']} | {t['consistency_x1e5']:.4g} | {t['invertibility_max_abs']:.2e} |"
+            for t in result["trust"]
+        ]
+    return "\n".join(lines) + "\n"

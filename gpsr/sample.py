@@ -24,8 +24,8 @@ from PIL import Image
 from gpsr import ops
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.diffusion import SPACINGS
-from gpsr.inference import GPSR
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
+from gpsr.models.gpsr import GPSR
 from gpsr.tiling import Tiling
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device

@@ -1,6 +1,6 @@
 """Inference on images of any size with memory bounded by a tile, not by the image.
 
-Two pieces, used by `gpsr.pipeline.super_resolve_signed`:
+Two pieces, used by `gpsr.models.gpsr.GPSR.sample_signed`:
 
 - `TiledDenoiser`: the UNet runs on overlapping latent tiles of its training size, in
   batches, and the tiles' outputs are blended with smooth weights into one output for the

@@ -20,7 +20,7 @@ CKPTS=("$OUT/ddpm/checkpoints/last.ckpt")
 for p in eps v; do
     printf '\n=== latent DDPM, prediction=%s (%s steps) ===\n' "$p" "$DDPM_STEPS"
     rm -rf "$OUT/ddpm_$p"
-    $PY -m gpsr.train experiment=demo stage=ddpm flow_ckpt="$FLOW" diffusion.prediction="$p" \
+    $PY -m gpsr.train experiment=demo stage=ddpm flow_ckpt="$FLOW" model.diffusion.prediction="$p" \
         stage.module.ema_decay=0.999 trainer.max_steps="$DDPM_STEPS" logger=csv \
         trainer.enable_progress_bar=false test_after_fit=false hydra.run.dir="$OUT/ddpm_$p"
     CKPTS+=("$OUT/ddpm_$p/checkpoints/last.ckpt")

@@ -3,7 +3,7 @@
 import json
 
 from gpsr.benchmark import run_benchmark
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 TINY = [
     "model/flow=small",

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gpsr import ops
 from gpsr.utils.cli import check_output_dir
-from tests.conftest import FAST, run_cli
+from tests.helpers import FAST, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -230,6 +230,16 @@ def test_config_errors_are_one_clear_line(tmp_path, args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (proc.stdout + proc.stderr).count(message) == 1  # printed once, not also logged
+
+
+@pytest.mark.parametrize(
+    "module,args,key",
+    [("evaluate", [], "ckpt"), ("sample", ["ckpt=x.ckpt"], "input"), ("convert", [], "release")],
+)
+def test_a_missing_required_setting_is_one_line_naming_it(tmp_path, module, args, key):
+    proc = run_cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"gpsr: error: {key} is required: add {key}=..." in proc.stderr
 
 
 def test_wrong_checkpoints_are_one_clear_line(tmp_path, flow_ckpt, ddpm_ckpt):

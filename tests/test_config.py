@@ -1,6 +1,7 @@
 """Every config group composes, resolves and builds; paper configs give the paper's counts."""
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 
 from gpsr.models.unet import UNet
 from gpsr.utils.cli import CONFIG_DIR
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 
 def _options(group: str) -> list[str]:
@@ -23,6 +24,8 @@ GROUPS = [
     "data",
     "model/flow",
     "model/unet",
+    "model/diffusion",
+    "sampler",
     "trainer",
     "logger",
     "callbacks",
@@ -31,9 +34,27 @@ GROUPS = [
 ]
 
 
-def test_every_group_has_options():
+# Folders of conf/ that are not groups a run selects: Hydra's own, the optional local
+# overrides, the paths, and the base that the paper experiments extend.
+NOT_SELECTED = {"hydra", "hydra/launcher", "local", "paths", "experiment/base"}
+
+
+def test_the_tested_groups_are_the_config_groups_and_their_options_differ(tmp_path):
+    """The groups the tests walk are exactly the folders under conf/ (a new group cannot go
+    untested), and no two options of a group compose to the same config (a copy left
+    unedited)."""
+    folders = {
+        p.parent.relative_to(CONFIG_DIR).as_posix() for p in Path(CONFIG_DIR).rglob("*.yaml")
+    }
+    assert folders - {"."} - NOT_SELECTED == set(GROUPS)
     for group in GROUPS:
-        assert _options(group), group
+        seen: dict[str, str] = {}
+        for option in _options(group):
+            cfg = compose_cfg([f"{group}={option}"], output_dir=tmp_path)
+            plain = OmegaConf.to_container(cfg, resolve=False)
+            key = json.dumps(plain, sort_keys=True, default=str)
+            assert key not in seen, f"{group}={option} is the same config as {group}={seen[key]}"
+            seen[key] = option
 
 
 @pytest.mark.parametrize(
@@ -56,10 +77,23 @@ def test_core_group_combinations_compose(tmp_path, stage, data, trainer, logger)
     assert plain["trainer"]["default_root_dir"] == str(tmp_path)
 
 
-@pytest.mark.parametrize("group", ["model/flow", "model/unet", "callbacks", "experiment", "debug"])
+# What each option of the remaining groups must build: checked on the built objects, with
+# the paper's numbers where there are some.
+PAPER_FLOW_PARAMETERS, PAPER_UNET_PARAMETERS = 30_761_280, 79_367_049
+
+
+@pytest.mark.parametrize(
+    "group",
+    ["model/flow", "model/unet", "model/diffusion", "sampler", "callbacks", "experiment", "debug"],
+)
 def test_remaining_groups_build_what_they_describe(tmp_path, group):
-    """Each option composes and what it configures works: the flow inverts, the UNet maps its
-    input to its output shape, callbacks instantiate, experiments and debug set their stage."""
+    """Each option composes, resolves, and builds what it says: a flow that inverts (the
+    paper's with its parameter count), a UNet whose output has its shape and depends on its
+    input (the paper's with its count), the paper's linear eps diffusion, the paper's 7+1
+    sampler, callbacks of the named classes, experiments that set their stage, scale, data
+    and models, a debug run of a few steps."""
+    from gpsr.callbacks import FinalCheckpoint
+    from gpsr.diffusion import GaussianDiffusion, linear_betas
     from gpsr.models.flow import DegradationFlow
 
     for option in _options(group):
@@ -67,20 +101,47 @@ def test_remaining_groups_build_what_they_describe(tmp_path, group):
         if cfg.data.source == "folder":
             cfg.data.root = "/some/images"
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        if group == "model/flow" and option == "small":
+        if group == "model/flow":
             flow = DegradationFlow(scale=cfg.scale, **cfg.model.flow).double()
-            x = torch.rand(1, 3, 16, 16, dtype=torch.float64) * 2 - 1
-            assert torch.allclose(flow.inverse(*flow(x)[:2]), x, atol=1e-10)
-        elif group == "model/unet" and option == "small":
+            if option == "paper":
+                assert sum(p.numel() for p in flow.parameters()) == PAPER_FLOW_PARAMETERS
+            else:
+                x = torch.rand(1, 3, 16, 16, dtype=torch.float64) * 2 - 1
+                assert torch.allclose(flow.inverse(*flow(x)[:2]), x, atol=1e-10)
+        elif group == "model/unet":
             u = cfg.model.unet
             net = UNet(**u)
-            out = net(torch.zeros(1, net.in_channels, u.image_size, u.image_size), torch.zeros(1))
-            assert out.shape == (1, net.out_channels, u.image_size, u.image_size)
+            if option == "paper":
+                assert sum(p.numel() for p in net.parameters()) == PAPER_UNET_PARAMETERS
+                continue
+            for p in net.parameters():  # leave the zero-initialised output layer behind
+                torch.nn.init.normal_(p, std=0.02)
+            x = torch.randn(2, net.in_channels, u.image_size, u.image_size)
+            out = net(x, torch.tensor([3.0, 700.0]))
+            assert out.shape == (2, net.out_channels, u.image_size, u.image_size)
+            assert not torch.allclose(out[0], net(x.flip(0), torch.tensor([3.0, 700.0]))[0])
+        elif group == "model/diffusion":
+            d = GaussianDiffusion(**cfg.model.diffusion)
+            assert d.prediction == "eps" and d.num_timesteps == 1000
+            assert torch.allclose(d.betas, linear_betas(1000))
+            assert float(d.betas[0]) == pytest.approx(1e-4) and float(d.betas[-1]) == 0.02
+        elif group == "sampler":
+            assert (cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.spacing) == (7, 1.0, "linspace")
+            assert cfg.stage.module.get("val_steps") in (None, 7)
         elif group == "callbacks":
-            wanted = [c for c in (cfg.callbacks or {}).values() if c is not None]
-            assert len([instantiate(c) for c in wanted]) == len(wanted)
-        elif group == "experiment" and option.startswith("ffhq128_8x_"):
-            assert cfg.stage.name == option.rsplit("_", 1)[-1] and cfg.scale == 8
+            built = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+            if option == "none":
+                assert built == []
+            else:
+                assert any(isinstance(c, FinalCheckpoint) for c in built)
+        elif group == "experiment":
+            if option.startswith("ffhq128_8x_"):
+                assert cfg.stage.name == option.rsplit("_", 1)[-1] and cfg.scale == 8
+                assert (cfg.data.size, cfg.data.val_fraction) == (128, 0.01)  # data=ffhq
+                assert cfg.model.flow.num_blocks == 16
+                assert cfg.trainer.precision == "bf16-mixed"
+            else:  # the demo
+                assert cfg.scale == 4 and cfg.model.diffusion.prediction == "x0"
         elif group == "debug":
             assert cfg.trainer.max_steps <= 10
 

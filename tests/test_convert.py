@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpsr.convert import convert_release, gpsr_settings, main
+from gpsr.convert import convert, convert_release, gpsr_settings
 from gpsr.inference import GPSR
-from gpsr.pipeline import super_resolve_signed
 from gpsr.utils.checkpoint import CheckpointError, load_checkpoint
 
 # A small model in the release's own config format (scale 8, 32 x 32 HR, latent 16 x 16).
@@ -340,6 +339,19 @@ def ref_sample(sd, y, init, steps, cfg):
     return ref_ihaar(*ref_flow(sd, cond, details, cfg, forward=False))
 
 
+def convert_cli(*args: str) -> int:
+    """`python -m gpsr.convert args...` as the command line runs it (its Hydra config, errors
+    as one line on stderr), in this process: -> the exit code."""
+    from gpsr.utils.cli import report_errors
+    from tests.helpers import compose_cfg
+
+    try:
+        report_errors(convert)(compose_cfg(list(args), name="convert"))
+    except SystemExit as exc:
+        return int(exc.code)
+    return 0
+
+
 # ------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
 def release():
@@ -353,7 +365,7 @@ def converted(release, tmp_path_factory):
     cfg = path.with_suffix(".json")
     cfg.write_text(json.dumps(CONFIG))
     out = path.with_name("gpsr.ckpt")
-    assert main([f"release={path}", f"out={out}", f"config={cfg}"]) == 0
+    assert convert_cli(f"release={path}", f"out={out}", f"config={cfg}") == 0
     return out
 
 
@@ -403,7 +415,9 @@ def test_converted_unet_equals_release_unet(release, converted, tmp_path, ema):
         (tmp_path / "c.json").write_text(json.dumps(CONFIG))
         path = tmp_path / "raw.ckpt"
         assert (
-            main([f"release={raw}", f"out={path}", f"config={tmp_path / 'c.json'}", "ema=false"])
+            convert_cli(
+                f"release={raw}", f"out={path}", f"config={tmp_path / 'c.json'}", "ema=false"
+            )
             == 0
         )
     source = release["ema_state_dict"] if ema else release["model_state_dict"]
@@ -429,16 +443,7 @@ def test_converted_samples_equal_the_release_sampler(release, converted, steps):
     g = torch.Generator().manual_seed(2)
     y = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     init = torch.randn(2, 9, 16, 16, generator=g, dtype=torch.float64)
-    ours = super_resolve_signed(
-        model.flow,
-        y,
-        steps,
-        model.unet,
-        model.diffusion,
-        model.stats,
-        eta=0.0,
-        noise_fn=lambda s: init.clone(),
-    )
+    ours = model.sample_signed(y, steps, eta=0.0, noise_fn=lambda s: init.clone())
     ref = ref_sample(sd, y, init, steps, CONFIG)
     assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-8)
 
@@ -469,9 +474,9 @@ def test_bad_release_files_get_one_line(release, tmp_path, capsys):
         torch.save(obj, src)
         out = tmp_path / "out.ckpt"
         out.unlink(missing_ok=True)
-        code = main([f"release={src}", f"out={out}", f"config={cfg}", *extra])
+        code = convert_cli(f"release={src}", f"out={out}", f"config={cfg}", *extra)
         err = capsys.readouterr().err.strip()
-        assert code == 2 and len(err.splitlines()) == 1 and not out.exists()
+        assert code == 1 and len(err.splitlines()) == 1 and not out.exists()
         return err
 
     assert "not a checkpoint of the authors' release" in run({"weights": torch.zeros(2)})
@@ -499,21 +504,21 @@ def test_bad_release_files_get_one_line(release, tmp_path, capsys):
     assert "scale=4 but the release model is 8x" in run(release, "scale=4")
     # Not the paper's shapes: without config= the paper's settings are assumed.
     src = tmp_path / "in.pt"
-    assert main([f"release={src}", f"out={tmp_path / 'x.ckpt'}"]) == 2
+    assert convert_cli(f"release={src}", f"out={tmp_path / 'x.ckpt'}") == 1
     assert "does not match the model settings" in capsys.readouterr().err
     # Not a torch file at all, and an arbitrary pickle.
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert main([f"release={tmp_path / 'junk.pt'}", f"out={tmp_path / 'y.ckpt'}"]) == 2
+    assert convert_cli(f"release={tmp_path / 'junk.pt'}", f"out={tmp_path / 'y.ckpt'}") == 1
     assert "junk.pt is not a torch checkpoint (neither a zip archive nor a pickle)" in (
         capsys.readouterr().err
     )
     torch.save({"model_state_dict": object.__new__(json.JSONDecoder)}, tmp_path / "evil.pt")
-    assert main([f"release={tmp_path / 'evil.pt'}", f"out={tmp_path / 'z.ckpt'}"]) == 2
+    assert convert_cli(f"release={tmp_path / 'evil.pt'}", f"out={tmp_path / 'z.ckpt'}") == 1
     assert "weights_only=True" in capsys.readouterr().err
 
 
 def test_convert_refuses_to_overwrite(converted, tmp_path, capsys):
-    assert main([f"release={converted}", f"out={converted}"]) == 2
+    assert convert_cli(f"release={converted}", f"out={converted}") == 1
     assert "already exists" in capsys.readouterr().err
 
 
@@ -524,7 +529,7 @@ def test_convert_release_rejects_non_dicts():
 
 @pytest.mark.slow
 def test_converted_checkpoint_evaluates_samples_and_fine_tunes(converted, tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     run_cli(
         "evaluate",
@@ -576,3 +581,23 @@ def test_converted_checkpoint_evaluates_samples_and_fine_tunes(converted, tmp_pa
         tuned["flow.blocks.0.predict.out.weight"], start["flow.blocks.0.predict.out.weight"]
     )
     assert not torch.equal(tuned["unet.out.2.weight"], start["unet.out.2.weight"])
+
+
+def test_convert_is_a_hydra_app_like_the_others(release, tmp_path):
+    """`hydra.run.dir=` (refused by the old hand-written parser) is accepted, the run folder
+    gets the job's log, and a missing required setting is one line naming it."""
+    from tests.helpers import run_cli
+
+    src = tmp_path / "release.pt"
+    torch.save(release, src)
+    (tmp_path / "c.json").write_text(json.dumps(CONFIG))
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "convert", f"release={src}", f"out={tmp_path / 'out.ckpt'}",
+        f"config={tmp_path / 'c.json'}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert (tmp_path / "out.ckpt").is_file()
+    assert "wrote" in (run_dir / "convert.log").read_text()
+    assert GPSR.load(tmp_path / "out.ckpt").scale == 8
+    proc = run_cli("convert", f"release={src}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "out" in proc.stderr and "Traceback" not in proc.stderr

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpsr.diffusion import GaussianDiffusion, cosine_betas, linear_betas, sampling_timesteps
+from gpsr.models.conditioning import CoarseConditioned
 
 
 def test_linear_schedule_closed_form():
@@ -61,8 +62,8 @@ def test_oracle_network_recovers_the_clean_latent(steps, eta):
         abar = d.alphas_cumprod[t]
         return (xt - abar.sqrt() * target) / (1 - abar).sqrt()
 
-    cond = torch.zeros(4, 1, 8, 8, dtype=torch.float64)
-    out = d.sample(oracle, cond, target.shape, steps=steps, eta=eta)
+    f64 = lambda s: torch.randn(s, dtype=torch.float64)  # noqa: E731
+    out = d.sample(oracle, target.shape, steps=steps, eta=eta, noise_fn=f64)
     assert len(calls) == steps
     assert torch.allclose(out, target, atol=1e-8)
 
@@ -75,7 +76,7 @@ def test_eta_zero_is_deterministic_and_eta_one_is_not():
         out = torch.tanh(torch.einsum("ij,njhw->nihw", w, inp[:, :3]))
         return out * (t[:, None, None, None] / 1000)
 
-    cond, shape = torch.zeros(2, 1, 4, 4), (2, 3, 4, 4)
+    shape = (2, 3, 4, 4)
     start = torch.randn(shape, generator=torch.Generator().manual_seed(1))
 
     def noise_fn(later_seed):
@@ -90,23 +91,32 @@ def test_eta_zero_is_deterministic_and_eta_one_is_not():
         return draw, calls
 
     (fa, ca), (fb, _) = noise_fn(10), noise_fn(20)
-    a = d.sample(net, cond, shape, steps=5, eta=0.0, noise_fn=fa)
-    b = d.sample(net, cond, shape, steps=5, eta=0.0, noise_fn=fb)
+    a = d.sample(net, shape, steps=5, eta=0.0, noise_fn=fa)
+    b = d.sample(net, shape, steps=5, eta=0.0, noise_fn=fb)
     assert len(ca) == 1 and torch.equal(a, b)  # eta = 0 draws nothing after the start
     (fc, cc), (fd, _) = noise_fn(10), noise_fn(20)
-    c = d.sample(net, cond, shape, steps=5, eta=1.0, noise_fn=fc)
-    e = d.sample(net, cond, shape, steps=5, eta=1.0, noise_fn=fd)
+    c = d.sample(net, shape, steps=5, eta=1.0, noise_fn=fc)
+    e = d.sample(net, shape, steps=5, eta=1.0, noise_fn=fd)
     assert len(cc) == 5 and not torch.allclose(c, e)
 
 
-def test_sampler_clamps_predicted_latent():
-    d = GaussianDiffusion(1000)
+def test_sampler_clamps_predicted_latent_per_channel():
+    """A network predicting x0 = +-10 (x0 parameterization): with per-channel bounds of shape
+    (1, C, 1, 1), as `LatentStats.bounds` gives, every output pixel must sit exactly on its
+    own channel's bound (not another channel's, not a global one); without bounds the
+    prediction comes back unchanged."""
+    d = GaussianDiffusion(1000, prediction="x0")
+    sign = torch.tensor([1.0, -1.0, 1.0])[None, :, None, None] * torch.ones(2, 3, 4, 4)
 
     def wild(inp, t):
-        return -10 * torch.ones_like(inp[:, :2])
+        return 10 * sign
 
-    out = d.sample(wild, torch.zeros(1, 1, 2, 2), (1, 2, 2, 2), steps=3, clip=(-1.5, 1.5))
-    assert out.abs().max() <= 1.5
+    lo = torch.tensor([-1.0, -2.0, -3.0])[None, :, None, None]
+    hi = torch.tensor([0.5, 1.5, 2.5])[None, :, None, None]
+    out = d.sample(wild, (2, 3, 4, 4), steps=3, clip=(lo, hi))
+    expect = torch.where(sign > 0, hi.expand_as(sign), lo.expand_as(sign))
+    assert torch.equal(out, expect)
+    assert torch.equal(d.sample(wild, (2, 3, 4, 4), steps=3), 10 * sign)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -120,9 +130,7 @@ def test_sampler_with_the_optimal_network_recovers_gaussian_data(eta):
         return (1 - a).sqrt() * inp[:, :3] / (a * s * s + 1 - a)
 
     torch.manual_seed(0)
-    out = d.sample(
-        optimal, torch.zeros(512, 1, 8, 8), (512, 3, 8, 8), steps=1000, eta=eta, clip=(-5.0, 5.0)
-    )
+    out = d.sample(optimal, (512, 3, 8, 8), steps=1000, eta=eta, clip=(-5.0, 5.0))
     assert out.std().item() == pytest.approx(s, rel=0.03)
     assert abs(out.mean().item()) < 0.01
 
@@ -184,7 +192,8 @@ def test_seven_step_sampler_matches_independent_ddim(prediction, eta):
     noises = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(7)]
     it = iter(noises)
     clip = (-1.2, 1.3)
-    ours = d.sample(net, cond, shape, steps=7, eta=eta, clip=clip, noise_fn=lambda s: next(it))
+    model = CoarseConditioned(net, cond)  # the network sees [x_t, cond], as the reference
+    ours = d.sample(model, shape, steps=7, eta=eta, clip=clip, noise_fn=lambda s: next(it))
     ref = reference_ddim(net, cond, noises, prediction, eta, 7, clip)
     assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
     # The trajectory must actually move: the clamp must not decide the result alone.
@@ -224,7 +233,7 @@ def test_training_loss_against_hand_computed_targets(prediction, weighting):
         seen["inp"], seen["t"] = inp, ts
         return 0.3 * inp[:, :3] + 0.1 * inp[:, 3:]
 
-    loss = d.training_loss(net, x0, cond, t=t, noise=noise)
+    loss = d.training_loss(CoarseConditioned(net, cond), x0, t=t, noise=noise)
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[t.numpy()]
     a = torch.from_numpy(abar)[:, None, None, None]
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -249,16 +258,16 @@ def test_min_snr_weight_equals_clipped_snr_times_x0_error():
     for prediction in ("eps", "v", "x0"):
         d = GaussianDiffusion(1000, prediction=prediction, loss_weighting="min_snr")
         xt = d.q_sample(x0, t, noise)
-        per = d.training_losses(lambda inp, ts: wrong, x0, torch.zeros(3, 0, 4, 4), t, noise)
+        per = d.training_losses(lambda inp, ts: wrong, x0, t, noise)
         x0_err = (d.x0_from_output(wrong, xt, t) - x0).pow(2).mean((1, 2, 3))
         expect = d.snr(t).clamp(max=5.0) * x0_err
         assert torch.allclose(d.loss_weight(t) * per, expect, rtol=1e-9)
 
 
 def test_unknown_prediction_or_weighting_is_refused():
-    with pytest.raises(ValueError, match="diffusion.prediction"):
+    with pytest.raises(ValueError, match="model.diffusion.prediction"):
         GaussianDiffusion(prediction="score")
-    with pytest.raises(ValueError, match="diffusion.loss_weighting"):
+    with pytest.raises(ValueError, match="model.diffusion.loss_weighting"):
         GaussianDiffusion(loss_weighting="p2")
 
 
@@ -268,11 +277,10 @@ def test_loss_by_timestep_separates_oracle_from_mean_predictor():
     assert diagnostic_timesteps(1000, 10) == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
     d = GaussianDiffusion(1000, prediction="x0")
     x0 = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 0.5
-    cond = torch.zeros(6, 1, 4, 4, dtype=torch.float64)
     ts = [50, 500, 950]
-    oracle = d.loss_by_timestep(lambda inp, t: x0, x0, cond, ts)
+    oracle = d.loss_by_timestep(lambda inp, t: x0, x0, ts)
     assert torch.all(oracle["loss"] == 0) and torch.all(oracle["x0_mse"] == 0)
-    mean = d.loss_by_timestep(lambda inp, t: torch.zeros_like(x0), x0, cond, ts)
+    mean = d.loss_by_timestep(lambda inp, t: torch.zeros_like(x0), x0, ts)
     per_image = x0.pow(2).mean((1, 2, 3)).sum()
     assert torch.allclose(mean["x0_mse"], per_image.expand(3))
     # In eps units the same mean predictor's loss grows with SNR: it is x0_mse * SNR.
@@ -283,7 +291,7 @@ def test_loss_by_timestep_separates_oracle_from_mean_predictor():
     def mean_eps(inp, t):  # the eps implied by x0_hat = 0
         return de.eps_from_x0(inp[:, :3], (t / 1).round().long(), torch.zeros_like(x0))
 
-    out = de.loss_by_timestep(mean_eps, x0, cond, ts, noise_fn=lambda s: noise)
+    out = de.loss_by_timestep(mean_eps, x0, ts, noise_fn=lambda s: noise)
     snr = de.snr(torch.tensor(ts))
     assert torch.allclose(out["x0_mse"], per_image.expand(3), rtol=1e-8)
     assert torch.allclose(out["loss"], per_image * snr, rtol=1e-8)
@@ -293,7 +301,8 @@ def test_gpsr_sampler_decodes_through_the_latent_statistics():
     """An oracle x0-network that returns the true normalised latent must give back exactly
     the flow inverse of that latent: the sampler has to denormalise before decoding."""
     from gpsr import ops
-    from gpsr.pipeline import LatentStats, super_resolve_signed
+    from gpsr.models.gpsr import GPSR
+    from gpsr.models.stats import LatentStats
     from tests.helpers import tiny_flow
 
     flow = tiny_flow(scale=4, dtype=torch.float64, std=0.05)
@@ -312,5 +321,6 @@ def test_gpsr_sampler_decodes_through_the_latent_statistics():
     zhat = stats.normalise(z_true)
     assert not torch.allclose(zhat, z_true)
     d = GaussianDiffusion(1000, prediction="x0")
-    out = super_resolve_signed(flow, y, 3, lambda inp, t: zhat, d, stats, eta=1.0)
+    f64 = lambda s: torch.randn(s, dtype=torch.float64)  # noqa: E731
+    out = GPSR(flow, lambda inp, t: zhat, d, stats).sample_signed(y, 3, eta=1.0, noise_fn=f64)
     assert torch.allclose(out, flow.inverse(coarse, z_true), atol=1e-10)

@@ -9,7 +9,7 @@ from gpsr.callbacks import SRMetricsCallback
 from gpsr.data import GPSRDataModule
 from gpsr.stages import FlowModule, LatentDiffusionModule
 from gpsr.utils.checkpoint import load_checkpoint
-from tests.conftest import compose_cfg, run_cli
+from tests.helpers import compose_cfg, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -84,7 +84,6 @@ def test_image_not_divisible_by_scale_is_refused():
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from gpsr.utils.speed import apply_speedups
 
     torch.manual_seed(0)
     flow = tiny_flow(4)
@@ -97,7 +96,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         return [p.grad.clone() for p in flow.parameters()]
 
     plain = grads()
-    apply_speedups(flow, checkpointing=True, channels_last=True)
+    flow.speed_up(checkpointing=True, channels_last=True)
     assert flow.checkpointing
     recomputed = grads()
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(plain, recomputed))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from gpsr.utils.checkpoint import atomic_save, checkpoint_digest, find_last_checkpoint
 from gpsr.utils.errors import ConfigError, GPSRError, OutputError
-from tests.conftest import compose_cfg, run_cli
+from tests.helpers import compose_cfg, run_cli
 
 
 def _png(path: Path, size=(4, 4), seed=0):
@@ -135,8 +135,8 @@ def test_too_small_lr_images_are_refused_by_name_for_a_4x_model():
     deep in torch); the size rule refuses it with the size and the minimum instead."""
     from gpsr.diffusion import GaussianDiffusion
     from gpsr.inference import GPSR
+    from gpsr.models.stats import LatentStats
     from gpsr.models.unet import UNet
-    from gpsr.pipeline import LatentStats
     from tests.helpers import SMALL_UNET, tiny_flow
 
     flow = tiny_flow(scale=4)
@@ -370,7 +370,7 @@ def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
 
     from gpsr.train import train
     from gpsr.utils.cli import lock_run_dir
-    from tests.conftest import FAST, REPO, compose_cfg
+    from tests.helpers import FAST, REPO, compose_cfg
 
     holder = subprocess.Popen(
         [
@@ -491,7 +491,7 @@ def test_an_image_too_large_without_tiling_is_one_line_and_the_rest_go_on(
     src.mkdir()
     _png(src / "big.png", size=(64, 64))  # 8x model: latent 256 x 256, global attention
     _png(src / "small.png", size=(4, 4))
-    monkeypatch.setattr("gpsr.pipeline.available_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr("gpsr.models.gpsr.available_memory", lambda device: 64 * 2**20)
     sampler = {
         "steps": 1, "eta": 1.0, "samples": 1, "project": False, "spacing": "linspace",
         "tile": None,

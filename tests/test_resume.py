@@ -19,8 +19,7 @@ from gpsr.data import GPSRDataModule
 from gpsr.stages import FlowModule, LatentDiffusionModule
 from gpsr.utils.checkpoint import AtomicCheckpointIO, load_checkpoint
 from gpsr.utils.loggers import wandb_logger
-from tests.conftest import REPO, run_cli
-from tests.helpers import SMALL_FLOW, SMALL_UNET
+from tests.helpers import REPO, SMALL_FLOW, SMALL_UNET, run_cli
 
 
 class Recorder(Callback):
@@ -207,7 +206,7 @@ def test_a_finished_run_saves_its_final_step(tmp_path):
     """Training that ends between two periodic saves still leaves last.ckpt at its final
     step (Lightning alone keeps the periodic step 3 of 5 here)."""
     from gpsr.train import train
-    from tests.conftest import FAST, compose_cfg
+    from tests.helpers import FAST, compose_cfg
 
     overrides = [
         "stage=flow", "logger=csv", *FAST, "trainer.max_steps=5",

@@ -8,7 +8,7 @@ import torch
 from gpsr import ops
 from gpsr.inference import GPSR
 from gpsr.tiling import Tiling
-from tests.conftest import FAST, compose_cfg
+from tests.helpers import FAST, compose_cfg
 
 
 @pytest.mark.slow

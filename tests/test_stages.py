@@ -9,7 +9,8 @@ import torch
 
 from gpsr import ops
 from gpsr.data import GPSRDataModule
-from gpsr.inference import GPSR
+from gpsr.models.conditioning import CoarseConditioned
+from gpsr.models.gpsr import GPSR
 from gpsr.stages import FlowModule, LatentDiffusionModule, NonFiniteLossError, flow_loss_terms
 from gpsr.stages.ddpm import ema_avg_fn
 from gpsr.utils.checkpoint import CheckpointError, load_checkpoint
@@ -89,9 +90,8 @@ def test_ddpm_training_lowers_loss_and_keeps_flow_unchanged(flow_ckpt):
             zhat = module.stats.normalise(z)
             t = torch.randint(0, 1000, (64,), generator=g)
             noise = torch.randn((64, *zhat.shape[1:]), generator=g)
-            return module.diffusion.training_loss(
-                module.unet.eval(), zhat.repeat(8, 1, 1, 1), c.repeat(8, 1, 1, 1), t, noise
-            ).item()
+            model = CoarseConditioned(module.unet.eval(), c.repeat(8, 1, 1, 1))
+            return module.diffusion.training_loss(model, zhat.repeat(8, 1, 1, 1), t, noise).item()
 
     module.stats.ready.fill_(False)  # recomputed over the training split by on_fit_start
     before = eval_loss()
@@ -309,8 +309,8 @@ def test_ddpm_step_trains_on_the_normalised_latent_of_the_dequantized_image(flow
     monkeypatch.setattr(ops, "dequantize", lambda x: x + noise)
     seen = {}
 
-    def spy(model, x0, cond, *args, **kwargs):
-        seen["x0"], seen["cond"] = x0, cond
+    def spy(model, x0, *args, **kwargs):
+        seen["x0"], seen["cond"] = x0, model.coarse
         return torch.zeros((), requires_grad=True)
 
     monkeypatch.setattr(module.diffusion, "training_loss", spy)

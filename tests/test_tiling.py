@@ -7,8 +7,9 @@ from torch import nn
 
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion
+from gpsr.models.gpsr import GPSR
+from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
-from gpsr.pipeline import LatentStats, super_resolve_signed
 from gpsr.tiling import (
     TiledDenoiser,
     Tiling,
@@ -126,25 +127,25 @@ def test_tiling_changes_nothing_for_an_image_of_one_tile():
     outs = []
     for tiling in (Tiling(), Tiling.whole()):
         torch.manual_seed(0)
-        outs.append(super_resolve_signed(flow, y, 3, unet, diffusion, stats, tiling=tiling))
+        outs.append(GPSR(flow, unet, diffusion, stats).sample_signed(y, 3, tiling=tiling))
     assert torch.equal(outs[0], outs[1])
 
 
 def test_tiled_sampling_of_a_large_non_square_image():
     flow, unet, diffusion, stats = _small_model()
     y = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = super_resolve_signed(flow, y, 2, unet, diffusion, stats, tiling=Tiling(flow_tile=16))
+    out = GPSR(flow, unet, diffusion, stats).sample_signed(y, 2, tiling=Tiling(flow_tile=16))
     assert out.shape == (1, 3, 96, 160) and torch.isfinite(out).all()
 
 
 def test_whole_latent_that_cannot_fit_is_refused_in_one_line(monkeypatch):
     flow, unet, diffusion, stats = _small_model()
-    monkeypatch.setattr("gpsr.pipeline.available_memory", lambda device: 2**20)
+    monkeypatch.setattr("gpsr.models.gpsr.available_memory", lambda device: 2**20)
     y = torch.zeros(1, 3, 32, 32)  # latent 64 x 64: attention over 32 x 32 tokens, 8 MiB
     with pytest.raises(TooLargeError, match="sampler.tile"):
-        super_resolve_signed(flow, y, 1, unet, diffusion, stats, tiling=Tiling.whole())
+        GPSR(flow, unet, diffusion, stats).sample_signed(y, 1, tiling=Tiling.whole())
     # Tiles of the training size fit.
-    super_resolve_signed(flow, y, 1, unet, diffusion, stats, tiling=Tiling())
+    GPSR(flow, unet, diffusion, stats).sample_signed(y, 1, tiling=Tiling())
 
 
 def test_tile_settings_are_checked_by_name():
@@ -172,7 +173,7 @@ def test_no_seams_at_tile_borders():
     import torchvision.transforms.v2.functional as TF
 
     from gpsr.data.demo import DEMO_PHOTOS
-    from gpsr.pipeline import IndexNoise
+    from gpsr.diffusion import IndexNoise
 
     flow = tiny_flow(scale=4, std=0.05)
     unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.1).eval()
@@ -185,10 +186,9 @@ def test_no_seams_at_tile_borders():
     y = ops.degrade(hr.float() / 127.5 - 1, 4)
     ratios = {}
     for overlap in (0, 4):
-        out = super_resolve_signed(
-            flow, y, 3, unet, diffusion, stats, noise_fn=IndexNoise(range(4), 0, "cpu"),
-            tiling=Tiling(tile=16, overlap=overlap),
-        )  # fmt: skip
+        out = GPSR(flow, unet, diffusion, stats).sample_signed(
+            y, 3, noise_fn=IndexNoise(range(4), 0, "cpu"), tiling=Tiling(tile=16, overlap=overlap)
+        )
         starts = tile_starts(128, 16, overlap, align=2)
         cuts = sorted({2 * s for s in starts[1:]} | {2 * (s + 16) for s in starts[:-1]})
         ratios[overlap] = [seam_ratio(out, cuts, dim, period=16) for dim in (2, 3)]

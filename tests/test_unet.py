@@ -28,30 +28,62 @@ def test_shapes_and_zero_output_at_init():
     assert torch.all(out == 0)
 
 
-def test_scale_shift_variant_and_time_dependence():
-    torch.manual_seed(0)
-    net = UNet(
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        image_size=16,
-        num_heads=4,
-        scale_shift_norm=True,
-        dropout=0.0,
-    )
-    for p in net.parameters():  # leave zero-init behind so the output depends on t
-        torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, 4, 16, 16)
-    a, b = net(x, torch.tensor([1.0])), net(x, torch.tensor([900.0]))
-    assert not torch.allclose(a, b)
+def _reference_resblock(block, x, emb):
+    """improved-diffusion's ResBlock forward, written out from the paper's formulas with
+    torch.nn.functional: h = conv(silu(gn(x))); e = linear(silu(emb)); with scale-shift
+    norm h = gn(h) * (1 + scale) + shift, else h = gn(h + e); out = skip(x) + conv(silu(h))."""
+    import torch.nn.functional as F
+
+    gn_in, conv_in = block.in_layers[0], block.in_layers[2]
+    h = F.conv2d(
+        F.silu(F.group_norm(x, 32, gn_in.weight, gn_in.bias, gn_in.eps)),
+        conv_in.weight, conv_in.bias, padding=1,
+    )  # fmt: skip
+    lin = block.emb_layers[1]
+    e = F.linear(F.silu(emb), lin.weight, lin.bias)[..., None, None]
+    gn_out, conv_out = block.out_layers[0], block.out_layers[3]
+    if block.scale_shift_norm:
+        scale, shift = e[:, : h.shape[1]], e[:, h.shape[1] :]
+        h = F.group_norm(h, 32, gn_out.weight, gn_out.bias, gn_out.eps) * (1 + scale) + shift
+    else:
+        h = F.group_norm(h + e, 32, gn_out.weight, gn_out.bias, gn_out.eps)
+    h = F.conv2d(F.silu(h), conv_out.weight, conv_out.bias, padding=1)
+    skip = block.skip_connection
+    return (x if isinstance(skip, torch.nn.Identity) else skip(x)) + h
 
 
-def test_timestep_embedding_range_and_shape():
-    emb = timestep_embedding(torch.tensor([0.0, 500.0]), 33)
-    assert emb.shape == (2, 33) and emb.abs().max() <= 1
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_matches_the_reference_formulas(scale_shift):
+    """Both ResBlock variants against an independent functional version; the scale-shift
+    variant must use the first half of the embedding as the scale (a swapped scale and
+    shift, or a missing `1 +`, fails), and the time embedding must change the output."""
+    from gpsr.models.unet import ResBlock
+
+    block = ResBlock(32, 16, 64, dropout=0.0, scale_shift_norm=scale_shift).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    x = torch.randn(2, 32, 8, 8, generator=gen, dtype=torch.float64)
+    emb = torch.randn(2, 16, generator=gen, dtype=torch.float64)
+    out = block(x, emb)
+    assert torch.allclose(out, _reference_resblock(block, x, emb), atol=1e-12)
+    assert not torch.allclose(out, block(x, emb.flip(0)))
+
+
+def test_timestep_embedding_against_the_transformer_formula():
+    """emb[i] = cos(t * 10000^(-i/half)), emb[half + i] = sin(...) (Vaswani et al.; the
+    cos-first order of improved-diffusion), zero-padded to an odd dim."""
+    import numpy as np
+
+    t = torch.tensor([0.0, 1.0, 37.5, 999.0])
+    emb = timestep_embedding(t, 33).double().numpy()
+    half = 16
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / half)
+    args = t.double().numpy()[:, None] * freqs[None]
+    ref = np.concatenate([np.cos(args), np.sin(args), np.zeros((4, 1))], axis=1)
+    assert emb.shape == (4, 33)
+    assert np.allclose(emb, ref, atol=1e-4)  # float32 arguments up to t * 1 = 999
 
 
 def test_bad_input_size():
@@ -72,8 +104,9 @@ def test_format1_checkpoint_upgrades_to_the_same_function():
     """gpsr 0.1 grouped qkv rows as (3, heads, d) and named ResBlock layers differently."""
     import torch.nn.functional as F
 
+    from gpsr.loading import upgrade_checkpoint
     from gpsr.models.unet import AttentionBlock
-    from gpsr.utils.checkpoint import CheckpointError, upgrade_checkpoint
+    from gpsr.utils.checkpoint import CheckpointError
 
     C, heads, d = 64, 4, 16
     g = torch.Generator().manual_seed(0)

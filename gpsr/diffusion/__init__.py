@@ -1,5 +1,6 @@
 """Diffusion math kept apart from networks and from Lightning."""
 
+from gpsr.diffusion.diagnostic import add_diagnostic, diagnostic_means
 from gpsr.diffusion.gaussian import (
     PREDICTIONS,
     SPACINGS,
@@ -11,15 +12,20 @@ from gpsr.diffusion.gaussian import (
     make_betas,
     sampling_timesteps,
 )
+from gpsr.diffusion.noise import IndexNoise, seeded_normal
 
 __all__ = [
     "PREDICTIONS",
     "SPACINGS",
     "WEIGHTINGS",
     "GaussianDiffusion",
+    "IndexNoise",
+    "add_diagnostic",
     "cosine_betas",
+    "diagnostic_means",
     "diagnostic_timesteps",
     "linear_betas",
     "make_betas",
     "sampling_timesteps",
+    "seeded_normal",
 ]

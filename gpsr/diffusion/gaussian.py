@@ -1,7 +1,8 @@
 """Gaussian diffusion in the flow's latent space: schedules, forward process, loss, sampler.
 
 A plain object holding float64 schedules (the paper's Algorithms 2 and 3); the network is
-passed into each call as `model(x, t_scaled)`. The number of sampling steps and eta are
+passed into each call as `model(x_t, t_scaled)`, already conditioned (for GPSR on the coarse
+image: `gpsr.models.conditioning.CoarseConditioned`). The number of sampling steps and eta are
 chosen at sampling time, so one trained model serves every NFE count. Never imports
 Lightning.
 
@@ -69,7 +70,7 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
         return linear_betas(T)
     if schedule == "cosine":
         return cosine_betas(T)
-    raise ConfigError(f"unknown diffusion.schedule {schedule!r}; use 'linear' or 'cosine'")
+    raise ConfigError(f"unknown model.diffusion.schedule {schedule!r}; use 'linear' or 'cosine'")
 
 
 def sampling_timesteps(T: int, steps: int, spacing: str = "linspace") -> list[int]:
@@ -128,11 +129,11 @@ class GaussianDiffusion:
     ):
         if prediction not in PREDICTIONS:
             raise ConfigError(
-                f"unknown diffusion.prediction {prediction!r}; use one of {', '.join(PREDICTIONS)}"
+                f"unknown model.diffusion.prediction {prediction!r}; use one of {', '.join(PREDICTIONS)}"
             )
         if loss_weighting not in WEIGHTINGS:
             raise ConfigError(
-                f"unknown diffusion.loss_weighting {loss_weighting!r}; use one of "
+                f"unknown model.diffusion.loss_weighting {loss_weighting!r}; use one of "
                 f"{', '.join(WEIGHTINGS)}"
             )
         self.num_timesteps = int(num_timesteps)
@@ -219,31 +220,20 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training
     def predict(
-        self,
-        model: Model,
-        x0: torch.Tensor,
-        cond: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
+        self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise x0 to x_t and run the network on `[x_t, cond]`: -> (x_t, output), (N, ...)."""
+        """Noise x0 to x_t and run the network on it: -> (x_t, output), (N, ...)."""
         xt = self.q_sample(x0, t, noise)
-        return xt, model(torch.cat([xt, cond], dim=1), self.model_time(t))
+        return xt, model(xt, self.model_time(t))
 
     def training_losses(
-        self,
-        model: Model,
-        x0: torch.Tensor,
-        cond: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
+        self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
-        """Unweighted per-sample MSE (N,) between `model([x_t, cond], t)` and the target.
+        """Unweighted per-sample MSE (N,) between `model(x_t, t)` and the target.
 
-        x0 (N, Cz, h, w) normalised latent, cond (N, Cc, h, w) concatenated on channels,
-        t (N,) long, noise like x0.
+        x0 (N, Cz, h, w) normalised latent, t (N,) long, noise like x0.
         """
-        _, out = self.predict(model, x0, cond, t, noise)
+        _, out = self.predict(model, x0, t, noise)
         dtype = torch.promote_types(x0.dtype, torch.float32)  # bf16 outputs: loss in fp32
         err = out.to(dtype) - self.target(x0, t, noise).to(dtype)
         return err.pow(2).flatten(1).mean(1)
@@ -252,21 +242,20 @@ class GaussianDiffusion:
         self,
         model: Model,
         x0: torch.Tensor,
-        cond: torch.Tensor,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         return_parts: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective (Algorithm 2): the weighted mean of `training_losses`.
 
-        With eps prediction and no weighting this is `mean((eps_phi([z_t, c], t) - eps)^2)`.
+        With eps prediction and no weighting this is `mean((eps_phi(z_t, t) - eps)^2)`.
         `return_parts` also returns the per-sample losses (N,) and the timesteps t (N,).
         """
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        per_sample = self.training_losses(model, x0, cond, t, noise)
+        per_sample = self.training_losses(model, x0, t, noise)
         loss = (self.loss_weight(t).to(per_sample) * per_sample).mean()
         return (loss, per_sample.detach(), t) if return_parts else loss
 
@@ -275,13 +264,12 @@ class GaussianDiffusion:
         self,
         model: Model,
         x0: torch.Tensor,
-        cond: torch.Tensor,
         timesteps: Sequence[int],
         noise_fn: NoiseFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """Diagnostic: at each of K timesteps, the batch-mean target MSE and x0 MSE.
 
-        x0 (N, Cz, h, w), cond (N, Cc, h, w). Returns {"loss": (K,), "x0_mse": (K,)} float64
+        x0 (N, Cz, h, w). Returns {"loss": (K,), "x0_mse": (K,)} float64
         sums over the batch (divide by N for means), so batches and processes can be added.
         The x0 MSE does not depend on the parameterization: it shows where a network is worse
         than predicting the mean (whose x0 MSE is the data variance).
@@ -291,7 +279,7 @@ class GaussianDiffusion:
         for t_int in timesteps:
             t = torch.full((x0.shape[0],), int(t_int), device=x0.device, dtype=torch.long)
             noise = draw(tuple(x0.shape)).to(x0)
-            xt, out = self.predict(model, x0, cond, t, noise)
+            xt, out = self.predict(model, x0, t, noise)
             out = out.to(x0.dtype)
             target = self.target(x0, t, noise)
             x0_hat = self.x0_from_output(out, xt, t)
@@ -334,30 +322,30 @@ class GaussianDiffusion:
     def sample(
         self,
         model: Model,
-        cond: torch.Tensor,
         shape: tuple[int, ...],
         steps: int,
         eta: float = 1.0,
         clip: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
         noise_fn: NoiseFn | None = None,
         spacing: str = "linspace",
+        device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """Few-step sampler (Algorithm 3): `steps` network evaluations -> x0 of `shape`.
 
-        cond (N, Cc, h, w) is concatenated to the state at every call. At each visited t the
+        `model(x_t, t)` is called once per visited t. At each visited t the
         output becomes x0 (`x0_from_output`), clamped to `clip` (scalars or tensors
         broadcastable to `shape`), then eps (`eps_from_x0`); the last step returns x0,
         the others take `ddim_step`. `noise_fn(shape)` draws standard normal noise (defaults
-        to `torch.randn`); pass a seeded one for reproducible samples. `eta = 0` is
+        to `torch.randn` on `device`); pass a seeded one for reproducible samples. `eta = 0` is
         deterministic given the initial noise.
         """
-        draw = noise_fn or (lambda s: torch.randn(s, device=cond.device, dtype=cond.dtype))
+        draw = noise_fn or (lambda s: torch.randn(s, device=device))
         ts = sampling_timesteps(self.num_timesteps, steps, spacing)
         x = draw(shape)
         x0 = x
         for i, t in enumerate(ts):
-            tt = torch.full((shape[0],), t, device=cond.device, dtype=torch.long)
-            out = model(torch.cat([x, cond], dim=1), self.model_time(tt)).to(x.dtype)
+            tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
+            out = model(x, self.model_time(tt)).to(x.dtype)
             x0 = self.x0_from_output(out, x, tt)
             if clip is not None:
                 lo, hi = (torch.as_tensor(c, dtype=x0.dtype, device=x0.device) for c in clip)

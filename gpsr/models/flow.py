@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpsr import ops
+from gpsr.tiling import tiled_inverse
 from gpsr.utils.errors import ConfigError
 
 __all__ = ["DenseBlock", "CouplingBlock", "DegradationFlow", "soft_clamp", "flow_loss_terms"]
@@ -124,8 +125,23 @@ class DegradationFlow(nn.Module):
         self.blocks = nn.ModuleList(
             CouplingBlock(channels, num_convs, growth, clamp) for _ in range(num_blocks)
         )
-        # Activation checkpointing per block (see gpsr.utils.speed.apply_speedups).
+        # Activation checkpointing per block (see `speed_up`).
         self.checkpointing = False
+
+    def speed_up(
+        self, checkpointing: bool = False, channels_last: bool = False, compile: bool = False
+    ) -> None:
+        """In place, state-dict keys unchanged: `checkpointing` recomputes each block's
+        activations in the backward pass instead of storing them (only the 4C-channel block
+        inputs are kept); `channels_last` the NHWC layout for the convolutions; `compile`
+        `torch.compile`s each subnet (`nn.Module.compile`)."""
+        self.checkpointing = checkpointing
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            for block in self.blocks:
+                block.predict.compile()
+                block.update.compile()
 
     @property
     def receptive_radius(self) -> int:
@@ -172,9 +188,25 @@ class DegradationFlow(nn.Module):
             c, d = block.inverse(c, d)
         return ops.ihaar2d(c, d)
 
-    def pseudoinverse(self, y: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """G(y, z): LR y (N, C, h, w) in [-1, 1] and latent (N, 3C, k*h, k*w) -> (N, C, s*h, s*w)."""
-        return self.inverse(ops.upsample_nearest(y, self.k), latent)
+    def pseudoinverse(
+        self,
+        y: torch.Tensor,
+        latent: torch.Tensor,
+        tile: int | None = None,
+        halo: int | None = None,
+    ) -> torch.Tensor:
+        """G(y, z): LR y (N, C, h, w) in [-1, 1] and latent (N, 3C, k*h, k*w) -> (N, C, s*h, s*w).
+
+        `tile` (coarse pixels) decodes in tiles with a halo of `halo` coarse pixels (default
+        the receptive radius, which makes it equal to the whole-image inverse; see
+        `gpsr.tiling.tiled_inverse`), so memory is bounded by the tile.
+        """
+        coarse = ops.upsample_nearest(y, self.k)
+        if tile is None:
+            return self.inverse(coarse, latent)
+        return tiled_inverse(
+            self, coarse, latent, tile, self.receptive_radius if halo is None else halo
+        )
 
     def degrade(self, x: torch.Tensor) -> torch.Tensor:
         """Learned degradation D_theta: (N, C, H, W) -> (N, C, H/s, W/s), average-pooled coarse."""

@@ -219,6 +219,14 @@ class UNet(nn.Module):
         tokens = max((height // f) * (width // f) for f in self.attention_factors)
         return 4 * batch * self.num_heads * tokens * tokens
 
+    def speed_up(self, channels_last: bool = False, compile: bool = False) -> None:
+        """In place, state-dict keys unchanged: the NHWC layout for the convolutions,
+        `torch.compile` (`nn.Module.compile`)."""
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            self.compile()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         div = 2 ** (self.levels - 1)
         if x.shape[-1] % div or x.shape[-2] % div:

@@ -10,7 +10,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from gpsr.utils.checkpoint import FORMAT_VERSION, check_gpsr_checkpoint, upgrade_checkpoint
+from gpsr.loading import FORMAT_VERSION, upgrade_checkpoint
+from gpsr.utils.checkpoint import check_gpsr_checkpoint
 from gpsr.utils.errors import ConfigError, GPSRError
 
 log = logging.getLogger(__name__)

@@ -10,22 +10,15 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 from gpsr import ops
-from gpsr.diffusion import GaussianDiffusion
-from gpsr.loading import load_flow, read_checkpoint
+from gpsr.diffusion import GaussianDiffusion, IndexNoise, add_diagnostic, diagnostic_means
+from gpsr.loading import ddpm_hyper_parameters, load_flow, read_checkpoint
 from gpsr.models.flow import DegradationFlow
+from gpsr.models.gpsr import GPSR
+from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
 from gpsr.panels import panel_rows
-from gpsr.pipeline import (
-    IndexNoise,
-    LatentStats,
-    add_diagnostic,
-    diagnostic_means,
-    super_resolve_signed,
-    timestep_diagnostic,
-)
 from gpsr.stages.base import StageModule, plain
 from gpsr.utils.errors import ConfigError
-from gpsr.utils.speed import apply_speedups
 
 __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
 
@@ -118,21 +111,21 @@ class LatentDiffusionModule(StageModule):
             )
         unet.update(in_channels=4 * c, out_channels=3 * c)
         self.save_hyperparameters(
-            {
-                "flow_ckpt": flow_ckpt,
-                "init_ckpt": init_ckpt,
-                "scale": scale,
-                "flow": flow,
-                "unet": unet,
-                "diffusion": diffusion,
-                "ema_decay": ema_decay,
-                "ema_warmup": ema_warmup,
-                "val_steps": val_steps,
-                "val_eta": val_eta,
-                "val_seed": val_seed,
-                "panel_samples": panel_samples,
-                "diagnostic_buckets": diagnostic_buckets,
-            }
+            ddpm_hyper_parameters(
+                scale,
+                flow,
+                unet,
+                diffusion,
+                flow_ckpt=flow_ckpt,
+                init_ckpt=init_ckpt,
+                ema_decay=ema_decay,
+                ema_warmup=ema_warmup,
+                val_steps=val_steps,
+                val_eta=val_eta,
+                val_seed=val_seed,
+                panel_samples=panel_samples,
+                diagnostic_buckets=diagnostic_buckets,
+            )
         )
         self.unet = UNet(**unet)
         self.ema = AveragedModel(self.unet, avg_fn=ema_avg_fn(ema_decay, ema_warmup))
@@ -143,12 +136,19 @@ class LatentDiffusionModule(StageModule):
         if init_state is not None:
             self.load_state_dict(init_state)
 
+    @property
+    def model(self) -> GPSR:
+        """The GPSR model these modules make, with the EMA UNet: a view (no copy, no
+        state-dict keys of its own) used for validation samples and the diagnostic."""
+        return GPSR(self.flow, self.ema.module, self.diffusion, self.stats)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.unet.parameters())
 
     def apply_speedups(self, checkpointing: bool, channels_last: bool, compile: bool) -> None:
         # The flow is frozen (no backward), so it never needs checkpointing here.
-        apply_speedups(self.flow, self.unet, False, channels_last, compile)
+        self.flow.speed_up(False, channels_last, compile)
+        self.unet.speed_up(channels_last, compile)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -177,10 +177,7 @@ class LatentDiffusionModule(StageModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         x = ops.dequantize(batch["hr"])
-        with torch.no_grad():
-            coarse, z, _ = self.flow(x)
-            zhat = self.stats.normalise(z)
-        loss = self.guard_loss(self.diffusion.training_loss(self.unet, zhat, coarse))
+        loss = self.guard_loss(self.model.training_loss(x, net=self.unet))
         if loss is None:
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
@@ -205,30 +202,14 @@ class LatentDiffusionModule(StageModule):
         steps = self.hparams["val_steps"] if steps is None else steps
         eta = self.hparams["val_eta"] if eta is None else eta
         noise = IndexNoise(indices, self.hparams["val_seed"] if seed is None else seed, lr.device)
-        x = super_resolve_signed(
-            self.flow,
-            lr,
-            steps,
-            unet=self.ema.module,
-            diffusion=self.diffusion,
-            stats=self.stats,
-            eta=eta,
-            noise_fn=noise,
-        )
+        x = self.model.sample_signed(lr, steps, eta=eta, noise_fn=noise)
         return ops.to_unit(x).clamp(0, 1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         idx = batch["index"].tolist()
         if self.hparams.get("diagnostic_buckets", 0) > 0:
-            part = timestep_diagnostic(
-                self.flow,
-                self.ema.module,
-                self.diffusion,
-                self.stats,
-                batch["hr"],
-                idx,
-                self.hparams["val_seed"],
-                self.hparams["diagnostic_buckets"],
+            part = self.model.diagnostic(
+                batch["hr"], idx, self.hparams["val_seed"], self.hparams["diagnostic_buckets"]
             )
             self._diag = add_diagnostic(self._diag, part)
         sr = self.sample(batch["lr"], idx)

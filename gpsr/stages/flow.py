@@ -8,11 +8,11 @@ import torch
 from torchmetrics import MeanMetric
 
 from gpsr import ops
+from gpsr.diffusion import IndexNoise
 from gpsr.models.flow import DegradationFlow, flow_loss_terms
+from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows
-from gpsr.pipeline import IndexNoise, super_resolve_signed
 from gpsr.stages.base import StageModule, plain
-from gpsr.utils.speed import apply_speedups
 
 __all__ = ["FlowModule", "flow_loss_terms"]  # the loss lives in gpsr.models.flow
 
@@ -53,7 +53,7 @@ class FlowModule(StageModule):
         self.coarse_mse = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def apply_speedups(self, checkpointing: bool, channels_last: bool, compile: bool) -> None:
-        apply_speedups(self.flow, None, checkpointing, channels_last, compile)
+        self.flow.speed_up(checkpointing, channels_last, compile)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         x = ops.dequantize(batch["hr"])
@@ -73,7 +73,7 @@ class FlowModule(StageModule):
         noise = IndexNoise(batch["index"].tolist(), self.hparams["val_seed"], lr.device)
         return {
             "flow_zero": self.flow.pseudoinverse(lr, zero),
-            "flow_sample": super_resolve_signed(self.flow, lr, steps=0, noise_fn=noise),
+            "flow_sample": GPSR(self.flow).sample_signed(lr, steps=0, noise_fn=noise),
         }
 
     def validation_step(

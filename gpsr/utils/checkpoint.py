@@ -2,7 +2,8 @@
 
 Every gpsr checkpoint carries `checkpoint["gpsr"] = {"stage", "scale", "version"}` so a file of
 the wrong stage or scale is refused with one line instead of a shape mismatch deep in torch.
-`version` is the weights' layout; `upgrade_checkpoint` converts older layouts on load.
+`version` is the weights' layout (`gpsr.loading.FORMAT_VERSION`, which also upgrades older
+layouts on load).
 
 Each gpsr checkpoint is sealed with a SHA-256 of its whole content, stored inside it: a file
 changed or damaged after it was written (a flipped bit, a truncated copy, an edited tensor)
@@ -38,14 +39,7 @@ __all__ = [
     "find_last_checkpoint",
     "checkpoint_step",
     "checkpoint_digest",
-    "upgrade_checkpoint",
-    "FORMAT_VERSION",
 ]
-
-# 1: gpsr 0.1 (UNet attention qkv as (3, heads, d); ResBlock `out_norm`, `skip`).
-# 2: improved-diffusion's layout and names (qkv as (heads, 3, d); `out_layers.0`,
-#    `skip_connection`), identical to the paper authors' release.
-FORMAT_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -169,61 +163,6 @@ def check_gpsr_checkpoint(
             f"scale={scale}"
         )
     return meta
-
-
-def _unet_v1_to_v2(state: dict[str, torch.Tensor], prefix: str, heads: int) -> dict:
-    """Rename one UNet's ResBlock keys and regroup its attention qkv rows (format 1 -> 2)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            rest = key[len(prefix) :]
-            if rest.endswith(("qkv.weight", "qkv.bias")):
-                value = _qkv_v1_to_v2(value, heads)
-            rest = rest.replace(".out_layers.2.", ".out_layers.3.")
-            rest = rest.replace(".out_norm.", ".out_layers.0.").replace(
-                ".skip.", ".skip_connection."
-            )
-            key = prefix + rest
-        out[key] = value
-    return out
-
-
-def _qkv_v1_to_v2(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows (3, heads, d) -> (heads, 3, d) of a qkv weight (3C, C, 1) or bias (3C,)."""
-    rows = t.shape[0]
-    return t.reshape(3, heads, rows // (3 * heads), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-
-
-def upgrade_checkpoint(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """Convert a checkpoint of an older format to `FORMAT_VERSION`, in place; return it.
-
-    Format 1 DDPM checkpoints get their UNet and EMA weights, and the Adam moments of the
-    qkv weights, regrouped (see the version notes above). A newer format than this gpsr
-    knows is refused with one line.
-    """
-    meta = ckpt["gpsr"]
-    version = int(meta.get("version", 1))
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format {version}, newer than this gpsr understands "
-            f"({FORMAT_VERSION}): upgrade gpsr"
-        )
-    if version < 2 and meta.get("stage") == "ddpm":
-        heads = int(ckpt.get("hyper_parameters", {}).get("unet", {}).get("num_heads", 4))
-        state = ckpt["state_dict"]
-        names = [k[len("unet.") :] for k in state if k.startswith("unet.")]
-        for prefix in ("unet.", "ema.module."):
-            state = _unet_v1_to_v2(state, prefix, heads)
-        ckpt["state_dict"] = state
-        # Adam's moments follow the UNet's parameters (the only trainable ones), in order.
-        for opt in ckpt.get("optimizer_states", []):
-            for idx, st in opt.get("state", {}).items():
-                if int(idx) < len(names) and names[int(idx)].endswith(("qkv.weight", "qkv.bias")):
-                    for k, v in st.items():
-                        if isinstance(v, torch.Tensor) and v.dim() > 0:
-                            st[k] = _qkv_v1_to_v2(v, heads)
-    meta["version"] = FORMAT_VERSION
-    return ckpt
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -72,11 +72,16 @@ def one_line(err: BaseException) -> str:
 def user_error(exc: BaseException) -> GPSRError | None:
     """The `GPSRError` behind `exc` (raised by gpsr's own checks, possibly wrapped by Hydra,
     Lightning or a re-raise), or None: anything else is not the user's and keeps its traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, GPSRError):
             return exc
+        if isinstance(exc, MissingMandatoryValue):  # a `???` setting left unset
+            key = exc.full_key or "a required setting"
+            return ConfigError(f"{key} is required: add {key}=... to the command line")
         exc = exc.__cause__ or exc.__context__
     return None
 

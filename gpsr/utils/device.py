@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pick_device", "synchronize", "available_memory"]
+__all__ = ["pick_device", "synchronize", "available_memory", "device_name"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,3 +33,19 @@ def available_memory(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name, or "CPU (<model name from /proc/cpuinfo>, <threads> threads)"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        name = models[0] if models else name
+    except OSError:
+        pass
+    return f"CPU ({name}, {torch.get_num_threads()} threads)"
