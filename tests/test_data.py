@@ -30,15 +30,22 @@ def _write_photos(folder, n=6, size=80):
     return folder
 
 
+_SIGNATURES: list[tuple[list, torch.Size, list[torch.Tensor]]] = []
+
+
 def _locate(tile: torch.Tensor, photos: list[torch.Tensor]) -> list[tuple[int, int, int]]:
     """Every (photo, top, left) where `tile` occurs exactly: candidates by a random linear
-    signature of every window (one conv2d per photo), each confirmed pixel by pixel."""
+    signature of every window (one conv2d per photo and tile shape, kept for the next tile),
+    each confirmed pixel by pixel."""
     size = tile.shape[-1]
     proj = torch.rand(1, *tile.shape, generator=torch.Generator().manual_seed(0)).double()
     want = (tile.double() * proj[0]).sum()
+    cached = [s for held, shape, s in _SIGNATURES if held is photos and shape == tile.shape]
+    if not cached:  # the list is held with its signatures, so its id cannot be reused
+        cached = [[torch.nn.functional.conv2d(img[None].double(), proj)[0, 0] for img in photos]]
+        _SIGNATURES.append((photos, tile.shape, cached[0]))
     hits = []
-    for p, img in enumerate(photos):
-        sig = torch.nn.functional.conv2d(img[None].double(), proj)[0, 0]
+    for p, (img, sig) in enumerate(zip(photos, cached[0])):
         for top, left in ((sig - want).abs() < 1e-6 * want).nonzero().tolist():
             if torch.equal(img[:, top : top + size, left : left + size], tile):
                 hits.append((p, top, left))
