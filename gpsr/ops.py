@@ -29,6 +29,7 @@ __all__ = [
     "degrade",
     "degradation_matrix",
     "pseudoinverse",
+    "gram_inverse",
     "haar2d",
     "haar_logdet",
     "ihaar2d",
@@ -116,9 +117,17 @@ def pseudoinverse(y: torch.Tensor, scale: int) -> torch.Tensor:
     """
     h, w = y.shape[-2:]
     a_h, a_w = degradation_band(h * scale, scale), degradation_band(w * scale, scale)
-    k_h, k_w = gram_inverse_band(h * scale, scale), gram_inverse_band(w * scale, scale)
     y64 = y.to(torch.promote_types(y.dtype, torch.float64))
-    return separable_adjoint(a_h, a_w, separable(k_h, k_w, y64)).to(y.dtype)
+    return separable_adjoint(a_h, a_w, gram_inverse(y64, scale)).to(y.dtype)
+
+
+def gram_inverse(y: torch.Tensor, scale: int) -> torch.Tensor:
+    """`(D_s D_s^T)^-1 y = K_h y K_w^T` with `K = (A A^T)^-1` on each side, in linear time
+    (`gpsr.banded`): the multipliers of the projection onto `degrade(x) = y`.
+    y: (N, C, h, w) or (M, h, w) -> same shape and dtype."""
+    h, w = y.shape[-2:]
+    k_h, k_w = gram_inverse_band(h * scale, scale), gram_inverse_band(w * scale, scale)
+    return separable(k_h, k_w, y)
 
 
 def haar2d(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,8 @@ import functools
 
 import torch
 
-from gpsr.banded import degradation_band, gram_inverse_band, separable, separable_adjoint
-from gpsr.ops import degrade, pseudoinverse
+from gpsr.banded import degradation_band, separable, separable_adjoint
+from gpsr.ops import degrade, gram_inverse, pseudoinverse
 from gpsr.utils.errors import ConfigError
 
 __all__ = ["project_consistent", "project_consistent_box"]
@@ -279,7 +279,7 @@ def project_consistent_box(
     # pixels keep a residual, and only they are visited. A slice keeps lam = 0 (z = x) if
     # the clamped warm start is less consistent than x itself.
     r0 = y64 - separable(op_h, op_w, x64.clamp(low, high))
-    lam = separable(gram_inverse_band(H, scale), gram_inverse_band(W, scale), r0)
+    lam = gram_inverse(r0, scale)
     lam = lam.clamp(-bound, bound)
     z = x64 + separable_adjoint(op_h, op_w, lam)
     r1 = y64 - separable(op_h, op_w, z.clamp(low, high))

@@ -1,11 +1,12 @@
 """Super-resolve your own LR images: `python -m gpsr.sample ckpt=... input=<file|folder> output=<folder>`.
 
-Writes `<name>_sr.png` (or `<name>_sr{k}.png` for `samples=K` plus `<name>_std.png`, the
-per-pixel standard deviation over samples), optionally float32 `.npy` (`save_float=true`),
-and prints each image's sampling and projection time and consistency. Every output name is planned before the model loads:
-an existing file is never replaced unless `overwrite=true`, two inputs never write the same
-file (`cat.png` and `cat.jpg` give `cat_png_sr.png` and `cat_jpg_sr.png`), and no output is
-ever an input. A bad file gets one line naming it; the rest go on.
+Writes `<name>_sr.png` (or `<name>_sr{k}.png` for `sampler.samples=K` plus `<name>_std.png`,
+the per-pixel standard deviation over samples), optionally float32 `.npy`
+(`save_float=true`), and prints each image's sampling and projection time and consistency.
+Every output name is planned before the model loads: an existing file is never replaced
+unless `overwrite=true`, two inputs never write the same file (`cat.png` and `cat.jpg` give
+`cat_png_sr.png` and `cat_jpg_sr.png`), and no output is ever an input. A bad file gets one
+line naming it; the rest go on.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def prepare_output(out_dir: Path) -> Path:
     return check_output_dir(out_dir, setting="output=")
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Refuse bad sampling settings in one line each, by their names, before loading."""
+def check_settings(cfg: DictConfig) -> Tiling:
+    """Refuse bad sampling settings in one line each, by their names, before loading;
+    -> the tiling they describe."""
     sampler = cfg.sampler
 
     def integer(name: str, low: int) -> None:
@@ -115,15 +117,16 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"sampler.spacing must be one of {', '.join(SPACINGS)}, got {sampler.get('spacing')!r}"
         )
-    Tiling.from_config(sampler)
+    tiling = Tiling.from_config(sampler)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    return tiling
 
 
 def sample_images(cfg: DictConfig) -> int:
     """Process every input image; returns the number of files that failed."""
     src, out_dir = Path(cfg.input), Path(cfg.output)
-    check_settings(cfg)
+    tiling = check_settings(cfg)
     files = list_inputs(src)
     plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float)
     check_plan(plan, cfg.get("overwrite", False))
@@ -142,7 +145,7 @@ def sample_images(cfg: DictConfig) -> int:
     failures = 0
     for path, outs in plan.items():
         try:
-            process_one(model, path, outs, steps, cfg)
+            process_one(model, path, outs, steps, tiling, cfg)
         except GPSRError as err:
             failures += 1
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
@@ -150,7 +153,9 @@ def sample_images(cfg: DictConfig) -> int:
     return failures
 
 
-def process_one(model: GPSR, path: Path, outs: list[Path], steps: int, cfg: DictConfig) -> None:
+def process_one(
+    model: GPSR, path: Path, outs: list[Path], steps: int, tiling: Tiling, cfg: DictConfig
+) -> None:
     """Super-resolve one LR file and write its planned outputs; GPSRError on a bad file."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageFileError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
@@ -183,7 +188,7 @@ def process_one(model: GPSR, path: Path, outs: list[Path], steps: int, cfg: Dict
         seed=cfg.seed,
         indices=[0],
         spacing=sampler.spacing,
-        tiling=Tiling.from_config(sampler),
+        tiling=tiling,
     )
     stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
     reps = lr.expand(stack.shape[1], -1, -1, -1)

@@ -86,14 +86,11 @@ class Tiling:
 
     @classmethod
     def from_config(cls, sampler) -> Tiling:
-        """From a config block with keys tile, tile_overlap, tile_batch, flow_tile, flow_halo."""
-        return cls(
-            tile=sampler.get("tile", AUTO),
-            overlap=sampler.get("tile_overlap", AUTO),
-            batch=sampler.get("tile_batch", 32),
-            flow_tile=sampler.get("flow_tile", 128),
-            flow_halo=sampler.get("flow_halo", AUTO),
-        )
+        """From a config block with keys tile, tile_overlap, tile_batch, flow_tile, flow_halo
+        (a missing key keeps this class's default)."""
+        keys = {"tile": "tile", "tile_overlap": "overlap", "tile_batch": "batch"}
+        keys.update(flow_tile="flow_tile", flow_halo="flow_halo")
+        return cls(**{field: sampler[key] for key, field in keys.items() if key in sampler})
 
     def unet_tile(self, unet: nn.Module, align: int) -> int | None:
         """The latent tile side for this UNet (None: no tiling), a multiple of `align`."""
