@@ -64,20 +64,29 @@ def _block_edges(h: int, block: int, shift: int) -> list[int]:
     return [0, *[e for e in inner if 0 < e < h], h]
 
 
-@functools.lru_cache(maxsize=32)
-def _block_factors(n_hr: int, scale: int, block: int, shift: int):
+@functools.lru_cache(maxsize=64)
+def _block_factors(n_hr: int, scale: int, block: int, shift: int, reach: bool = False):
     """One side's blocks: ranges [(i0, i1, p0, p1)] ([p0, p1): the HR pixels under LR rows
     i0..i1-1) and the local factors `A[i0:i1, p0:p1]` stacked and zero-padded to
-    (blocks, max rows, max cols), float64 on the CPU."""
-    op = degradation_band(n_hr, scale)
+    (blocks, max rows, max cols), float64 on the CPU. With `reach`, each block's rows are
+    widened to every LR row that sees one of the block's HR pixels: the LR pixels whose
+    residual changes when the block's multipliers do."""
+    a = degradation_band(n_hr, scale).adjoint(torch.eye(n_hr // scale, dtype=torch.float64))
+    support = a.abs() > 0  # (n_lr, n_hr)
+
+    def span(v: torch.Tensor) -> tuple[int, int]:
+        idx = v.nonzero().flatten()
+        return int(idx[0]), int(idx[-1]) + 1
+
     edges = _block_edges(n_hr // scale, block, shift)
     ranges, factors = [], []
     for i0, i1 in zip(edges[:-1], edges[1:]):
-        rows = op.adjoint(torch.eye(n_hr // scale, dtype=torch.float64)[i0:i1])  # A[i0:i1, :]
-        cols = rows.abs().amax(0).nonzero().flatten()
-        p0, p1 = int(cols[0]), int(cols[-1]) + 1
+        if reach:
+            p0, p1 = span(support[i0:i1].any(0))
+            i0, i1 = span(support[:, p0:p1].any(1))
+        p0, p1 = span(support[i0:i1].any(0))
         ranges.append((i0, i1, p0, p1))
-        factors.append(rows[:, p0:p1])
+        factors.append(a[i0:i1, p0:p1])
     stack = torch.zeros(
         len(ranges), max(f.shape[0] for f in factors), max(f.shape[1] for f in factors),
         dtype=torch.float64,
@@ -286,11 +295,14 @@ def project_consistent_box(
     worse = (r1 * r1).flatten(1).mean(1) > (r0 * r0).flatten(1).mean(1)
     lam[worse], z[worse] = 0.0, x64[worse]
 
+    # The residual y - D clamp(z), computed once and then refreshed only on the LR pixels
+    # that the solved blocks reach, so a sweep costs in proportion to the blocks it visits.
+    raw = y64 - separable(op_h, op_w, z.clamp(low, high))
+
     def residual() -> torch.Tensor:
-        """The projected gradient (n*c, h, w): the residual y - D clamp(z) less the entries
-        of multipliers held at the bound."""
-        r = y64 - separable(op_h, op_w, z.clamp(low, high))
-        return torch.where(_outward(lam, r, bound), 0.0, r)
+        """The projected gradient (n*c, h, w): the residual less the entries of multipliers
+        held at the bound."""
+        return torch.where(_outward(lam, raw, bound), 0.0, raw)
 
     best_z, best_err = z.clone(), torch.full((n * c,), float("inf"), dtype=torch.float64)
     stalled = torch.zeros(n * c, dtype=torch.long)
@@ -309,6 +321,10 @@ def project_consistent_box(
         rows, ah_all = _block_factors(H, scale, side, shift)
         cols, aw_all = _block_factors(W, scale, side, shift)
         ah_all, aw_all = ah_all.to(x.device), aw_all.to(x.device)
+        reach = (
+            _block_factors(H, scale, side, shift, True),
+            _block_factors(W, scale, side, shift, True),
+        )
         taken = torch.zeros(n * c, dtype=torch.long)
         for colour in ((0, 0), (0, 1), (1, 0), (1, 1)):
             if colour != (0, 0):
@@ -340,6 +356,8 @@ def project_consistent_box(
                 )
                 for (si, _, _), k in zip(part, its.tolist()):
                     taken[si] = max(int(taken[si]), k)
+            for start in range(0, len(todo), per_chunk):
+                _refresh_residual(todo[start : start + per_chunk], reach, y64, z, raw, low, high)
         steps += taken
     xp = best_z.clamp(low, high).to(x.dtype).reshape(x.shape)
     return xp, steps.reshape(n, c).amax(1)
@@ -377,3 +395,22 @@ def _solve_blocks(
         z[si, p0:p1, q0:q1] = zs[j, : p1 - p0, : q1 - q0]
         lam[si, i0:i1, j0:j1] = ls[j, : i1 - i0, : j1 - j0]
     return its
+
+
+def _refresh_residual(part, reach, y64, z, raw, low, high) -> None:
+    """Recompute the residual `raw` = y - D clamp(z) on the LR pixels that blocks `part`
+    [(slice, block row, block col)] can have changed (`_block_factors` with reach), in place."""
+    (rows, ah_all), (cols, aw_all) = reach
+    bi = torch.tensor([p[1] for p in part])
+    bj = torch.tensor([p[2] for p in part])
+    ah, aw = ah_all[bi].to(z.device), aw_all[bj].to(z.device)
+    zs = z.new_zeros(len(part), ah.shape[2], aw.shape[2])
+    for j, (si, r, c) in enumerate(part):
+        _, _, p0, p1 = rows[r]
+        _, _, q0, q1 = cols[c]
+        zs[j, : p1 - p0, : q1 - q0] = z[si, p0:p1, q0:q1]
+    fit = ah @ zs.clamp(low, high) @ aw.transpose(1, 2)
+    for j, (si, r, c) in enumerate(part):
+        i0, i1, _, _ = rows[r]
+        j0, j1, _, _ = cols[c]
+        raw[si, i0:i1, j0:j1] = y64[si, i0:i1, j0:j1] - fit[j, : i1 - i0, : j1 - j0]

@@ -223,3 +223,28 @@ def test_box_projection_of_an_unreachable_lr_image_is_exact_elsewhere():
     far = torch.ones_like(r2, dtype=torch.bool)
     far[..., 6:26, 6:26] = False  # the checkerboard and a margin of 6 LR pixels around it
     assert r2[far].max() < 1e-10
+
+
+def test_box_projection_refreshes_the_residual_wherever_a_block_reaches():
+    """The projection keeps y - D clamp(z) up to date only around the blocks it changed: the
+    refreshed window must cover every LR pixel whose bicubic support meets the block's HR
+    pixels (a window of the block's own LR pixels would leave its neighbours stale)."""
+    from gpsr.banded import degradation_band, separable
+    from gpsr.projection import _block_factors, _refresh_residual
+
+    gen = torch.Generator().manual_seed(0)
+    op = degradation_band(64, 4)
+    y = torch.rand(2, 16, 16, generator=gen, dtype=torch.float64)
+    z = 1.4 * torch.rand(2, 64, 64, generator=gen, dtype=torch.float64) - 0.2
+    raw = y - separable(op, op, z.clamp(0, 1))
+    rows, _ = _block_factors(64, 4, 4, 2)
+    _, _, p0, p1 = rows[2]
+    z[1, p0:p1, p0:p1] += torch.randn(p1 - p0, p1 - p0, generator=gen, dtype=torch.float64)
+    truth = y - separable(op, op, z.clamp(0, 1))
+    own = raw.clone()
+    own_factors = _block_factors(64, 4, 4, 2)
+    _refresh_residual([(1, 2, 2)], (own_factors, own_factors), y, z, own, 0.0, 1.0)
+    assert not torch.allclose(own, truth, atol=1e-9)  # the block's own pixels are not enough
+    reach = _block_factors(64, 4, 4, 2, True)
+    _refresh_residual([(1, 2, 2)], (reach, reach), y, z, raw, 0.0, 1.0)
+    assert torch.allclose(raw, truth, atol=1e-12)
