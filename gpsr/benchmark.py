@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpsr import ops
+from gpsr.configs import stage_module_config
 from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.flow import DegradationFlow, flow_loss_terms
@@ -46,9 +47,10 @@ MODES = ("reference", "optimized")
 
 
 def stage_training(stage: str) -> tuple[Any, float | None]:
-    """(optimizer node, grad_clip) of a training stage's config, conf/stage/<stage>.yaml."""
-    node = OmegaConf.load(f"{CONFIG_DIR}/stage/{stage}.yaml").module
-    return node.optimizer, node.get("grad_clip")
+    """(optimizer node, grad_clip) of a training stage's config, conf/stage/<stage>.yaml
+    over the stage module's defaults."""
+    node = stage_module_config(stage)
+    return node.optimizer, node.grad_clip
 
 
 class Setup:

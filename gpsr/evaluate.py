@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
+from gpsr.configs import register as register_schemas
 from gpsr.diffusion import add_diagnostic, diagnostic_means
 from gpsr.metrics import SRMetrics
 from gpsr.models.gpsr import GPSR
@@ -284,6 +285,9 @@ def _log_to_loggers(cfg: DictConfig, summary: dict[str, Any], output_dir: Path) 
         if hasattr(lg, "log_image") and (output_dir / "panel.png").is_file():
             lg.log_image("eval/panel", [np.asarray(Image.open(output_dir / "panel.png"))], step=0)
         lg.finalize("success")
+
+
+register_schemas()  # the defaults that conf/stage and conf/data extend
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

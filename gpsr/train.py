@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gpsr.configs import register as register_schemas
 from gpsr.utils.checkpoint import checkpoint_step, find_last_checkpoint
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, lock_run_dir, preflight, report_errors
 from gpsr.utils.errors import InputNotFoundError
@@ -100,6 +101,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics
+
+
+register_schemas()  # the defaults that conf/stage and conf/data extend
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

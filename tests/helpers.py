@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from gpsr.configs import register
 from gpsr.models.flow import DegradationFlow
 from gpsr.utils.cli import CONFIG_DIR
 
@@ -32,6 +33,7 @@ def compose_cfg(
     overrides: list[str], name: str = "train", output_dir: Path | None = None
 ) -> DictConfig:
     """Compose a root config as the CLI would, with outputs under `output_dir`."""
+    register()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
         return compose(config_name=name, overrides=list(overrides) + extra)
@@ -87,3 +89,20 @@ SMALL_UNET = {
     "num_heads": 2,
     "dropout": 0.0,
 }
+
+
+def stage_module(stage: str, cls: type | None = None, **overrides):
+    """The stage's LightningModule as `stage=<stage>` builds it (its YAML over the class's
+    defaults: optimiser, scheduler, validation sampler), with `overrides` (any Python
+    objects, e.g. a `functools.partial` optimiser); `cls` a subclass to build instead."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    node = compose_cfg([f"stage={stage}"]).stage.module
+    params = OmegaConf.to_container(node, resolve=True)
+    target = params.pop("_target_")
+    params.pop("_convert_", None)
+    for key in ("optimizer", "scheduler"):
+        if params.get(key) is not None:
+            params[key] = instantiate(params[key])
+    return (cls or get_class(target))(**{**params, **overrides})

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from gpsr.models.unet import UNet
 from gpsr.utils.cli import CONFIG_DIR
-from tests.helpers import compose_cfg
+from tests.helpers import REPO, compose_cfg
 
 
 def _options(group: str) -> list[str]:
@@ -180,3 +180,46 @@ def test_demo_datamodule_builds_from_config(tmp_path):
         batch["hr"].shape[-1] == cfg.data.size
         and batch["lr"].shape[-1] == cfg.data.size // cfg.scale
     )
+
+
+def test_each_setting_default_is_stated_once():
+    """The stage and data YAML files extend their classes' signature defaults
+    (gpsr/configs.py): no YAML key restates a default, every parameter without a default is
+    set by the YAML, every default can be overridden without '+' and is documented."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from gpsr.configs import _classes, signature_defaults
+
+    files = {
+        "flow_module": ("stage/flow.yaml", "module"),
+        "ddpm_module": ("stage/ddpm.yaml", "module"),
+        "data_module": ("data/demo.yaml", None),
+        "data_module ": ("data/folder.yaml", None),
+    }
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    for name, (path, key) in files.items():
+        cls = _classes()[name.strip()]
+        defaults = signature_defaults(cls)
+        node = OmegaConf.load(Path(CONFIG_DIR) / path)
+        assert f"/schema/{name.strip()}" in str(node.defaults)
+        node = node[key] if key else node
+        restated = {
+            k for k, v in node.items_ex(resolve=False) if k in defaults and v == defaults[k]
+        }
+        assert not restated, f"{path} restates defaults of {cls.__name__}: {restated}"
+        required = {
+            p.name
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.name != "self"
+            and p.kind is p.KEYWORD_ONLY
+        }
+        assert required <= set(node.keys()), f"{path} misses {required - set(node.keys())}"
+        for k in defaults:
+            assert f"`{k}`" in docs, f"docs/configuration.md does not describe {k}"
+    stage = compose_cfg(["stage=ddpm", "stage.module.ema_decay=0.5"]).stage.module
+    assert stage.ema_decay == 0.5 and stage.diagnostic_buckets == 10
+    data = compose_cfg(["data=folder", "data.root=/r", "data.skip_small=true"]).data
+    assert data.skip_small is True and data.eval_batch_size == 32 and data.val_fraction == 0.05

@@ -4,6 +4,7 @@ import json
 
 import lightning as L
 import pytest
+import torch
 
 from gpsr.callbacks import SRMetricsCallback
 from gpsr.data import GPSRDataModule
@@ -52,7 +53,7 @@ def _module_from(ckpt, cls):
     hp = dict(data["hyper_parameters"])
     if cls is LatentDiffusionModule:
         hp.pop("flow_ckpt")
-    module = cls(**hp)
+    module = cls(**hp, optimizer=torch.optim.Adam)  # validation only: no optimiser step
     module.load_state_dict(data["state_dict"])
     return module
 

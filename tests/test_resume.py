@@ -16,10 +16,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from gpsr.data import GPSRDataModule
-from gpsr.stages import FlowModule, LatentDiffusionModule
 from gpsr.utils.checkpoint import AtomicCheckpointIO, load_checkpoint
 from gpsr.utils.loggers import wandb_logger
-from tests.helpers import REPO, SMALL_FLOW, SMALL_UNET, run_cli
+from tests.helpers import REPO, SMALL_FLOW, SMALL_UNET, run_cli, stage_module
 
 
 class Recorder(Callback):
@@ -68,7 +67,7 @@ def test_resume_continues_data_order_optimizer_and_schedule(tmp_path):
         torch.manual_seed(0)
         opt = functools.partial(torch.optim.AdamW, lr=1e-3)
         sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=4, gamma=0.5)
-        return FlowModule(scale=8, flow=SMALL_FLOW, optimizer=opt, scheduler=sched)
+        return stage_module("flow", scale=8, flow=SMALL_FLOW, optimizer=opt, scheduler=sched)
 
     def dm():
         return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64, seed=3)
@@ -89,8 +88,8 @@ def test_resume_continues_data_order_optimizer_and_schedule(tmp_path):
 def test_ddpm_resume_restores_ema(tmp_path, flow_ckpt):
 
     def make():
-        return LatentDiffusionModule(
-            flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET, ema_decay=0.99
+        return stage_module(
+            "ddpm", flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET, ema_decay=0.99
         )
 
     dm = GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=64)

@@ -11,10 +11,10 @@ from gpsr import ops
 from gpsr.data import GPSRDataModule
 from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.gpsr import GPSR
-from gpsr.stages import FlowModule, LatentDiffusionModule, NonFiniteLossError, flow_loss_terms
+from gpsr.stages import FlowModule, NonFiniteLossError, flow_loss_terms
 from gpsr.stages.ddpm import ema_avg_fn
 from gpsr.utils.checkpoint import CheckpointError, load_checkpoint
-from tests.helpers import SMALL_FLOW, SMALL_UNET
+from tests.helpers import SMALL_FLOW, SMALL_UNET, stage_module
 
 
 def _trainer(steps: int, **kwargs) -> L.Trainer:
@@ -42,8 +42,8 @@ def _fixed_batch(dm):
 def test_flow_training_lowers_loss_and_coarse_fit():
     torch.manual_seed(0)
     dm = _dm()
-    module = FlowModule(
-        scale=8, flow=SMALL_FLOW, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3)
+    module = stage_module(
+        "flow", scale=8, flow=SMALL_FLOW, optimizer=functools.partial(torch.optim.AdamW, lr=2e-3)
     )
     hr = _fixed_batch(dm)
     x = ops.dequantize(hr, torch.Generator().manual_seed(0))
@@ -67,7 +67,8 @@ def _state_hash(module: torch.nn.Module) -> str:
 def test_ddpm_training_lowers_loss_and_keeps_flow_unchanged(flow_ckpt):
     torch.manual_seed(0)
     dm = _dm()
-    module = LatentDiffusionModule(
+    module = stage_module(
+        "ddpm",
         flow_ckpt=str(flow_ckpt),
         scale=8,
         unet=SMALL_UNET,
@@ -118,7 +119,7 @@ def test_ddpm_training_lowers_loss_and_keeps_flow_unchanged(flow_ckpt):
 
 
 def test_latent_statistics_normalise_training_latents(flow_ckpt):
-    module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
+    module = stage_module("ddpm", flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
     dm = _dm()
     module.fit_latent_stats(dm.stats_dataloader())
     zs = torch.cat([module.flow(b["hr"])[1] for b in dm.stats_dataloader()])
@@ -139,16 +140,16 @@ def test_ema_warmup_and_decay():
 
 def test_ddpm_refuses_bad_flow_checkpoints(tmp_path, flow_ckpt, ddpm_ckpt):
     with pytest.raises(ValueError, match="set flow_ckpt="):
-        LatentDiffusionModule(flow_ckpt=None, scale=8, unet=SMALL_UNET)
+        stage_module("ddpm", flow_ckpt=None, scale=8, unet=SMALL_UNET)
     with pytest.raises(CheckpointError, match="does not exist"):
-        LatentDiffusionModule(flow_ckpt=str(tmp_path / "nope.ckpt"), scale=8, unet=SMALL_UNET)
+        stage_module("ddpm", flow_ckpt=str(tmp_path / "nope.ckpt"), scale=8, unet=SMALL_UNET)
     with pytest.raises(CheckpointError, match="is a 'ddpm' checkpoint, but a 'flow' checkpoint"):
-        LatentDiffusionModule(flow_ckpt=str(ddpm_ckpt), scale=8, unet=SMALL_UNET)
+        stage_module("ddpm", flow_ckpt=str(ddpm_ckpt), scale=8, unet=SMALL_UNET)
     with pytest.raises(CheckpointError, match="trained for scale 8, but this run uses scale=4"):
-        LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=4, unet=SMALL_UNET)
+        stage_module("ddpm", flow_ckpt=str(flow_ckpt), scale=4, unet=SMALL_UNET)
     bad_unet = dict(SMALL_UNET, in_channels=9)
     with pytest.raises(ValueError, match="in_channels / out_channels must be 12 / 9"):
-        LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=bad_unet)
+        stage_module("ddpm", flow_ckpt=str(flow_ckpt), scale=8, unet=bad_unet)
 
 
 def test_tampered_and_truncated_checkpoints(tmp_path, flow_ckpt):
@@ -208,8 +209,8 @@ def test_nonfinite_loss_stops_or_skips():
             return loss
 
     with pytest.raises(NonFiniteLossError, match="became nan at step 2.*nonfinite=skip"):
-        _trainer(5).fit(Exploding(scale=8, flow=SMALL_FLOW), datamodule=dm)
-    module = Exploding(scale=8, flow=SMALL_FLOW, nonfinite="skip")
+        _trainer(5).fit(stage_module("flow", Exploding, scale=8, flow=SMALL_FLOW), datamodule=dm)
+    module = stage_module("flow", Exploding, scale=8, flow=SMALL_FLOW, nonfinite="skip")
     _trainer(5).fit(module, datamodule=dm)
     assert module.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
@@ -223,7 +224,9 @@ def test_a_diverged_run_stops_after_consecutive_skips():
                     next(iter(self.flow.parameters())).fill_(float("nan"))
             return super().training_step(batch, batch_idx)
 
-    module = Diverged(scale=8, flow=SMALL_FLOW, nonfinite="skip", max_skipped_steps=3)
+    module = stage_module(
+        "flow", Diverged, scale=8, flow=SMALL_FLOW, nonfinite="skip", max_skipped_steps=3
+    )
     with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
         _trainer(20).fit(module, datamodule=_dm())
     assert module.skipped_steps == 3
@@ -277,9 +280,9 @@ def test_checkpoints_follow_the_umask(tmp_path):
 def test_bf16_mixed_precision_and_gradient_accumulation(stage, flow_ckpt):
     dm = _dm()
     if stage == "flow":
-        module = FlowModule(scale=8, flow=SMALL_FLOW)
+        module = stage_module("flow", scale=8, flow=SMALL_FLOW)
     else:
-        module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
+        module = stage_module("ddpm", flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
     trainer = _trainer(3, precision="bf16-mixed", accumulate_grad_batches=2)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 3  # optimiser steps, each over two batches
@@ -301,7 +304,7 @@ def test_ddpm_step_trains_on_the_normalised_latent_of_the_dequantized_image(flow
     the flow's own coarse output (Algorithm 2), not the raw latent."""
     from gpsr import ops
 
-    module = LatentDiffusionModule(flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
+    module = stage_module("ddpm", flow_ckpt=str(flow_ckpt), scale=8, unet=SMALL_UNET)
     hr = _fixed_batch(_dm())
     module.stats.mean.copy_(torch.linspace(-0.2, 0.2, 9))
     module.stats.var.copy_(torch.linspace(0.5, 3.0, 9))

@@ -56,12 +56,12 @@ class StageModule(L.LightningModule):
 
     def __init__(
         self,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        scheduler: Callable[..., Any] | None = None,
-        grad_clip: float | None = None,
-        nonfinite: str = "raise",
-        speed: dict[str, Any] | None = None,
-        max_skipped_steps: int = 10,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None,
+        grad_clip: float | None,
+        nonfinite: str,
+        speed: dict[str, Any] | None,
+        max_skipped_steps: int,
     ):
         super().__init__()
         self.speed = dict(speed or {})
@@ -69,7 +69,7 @@ class StageModule(L.LightningModule):
             raise ConfigError(
                 f"stage.module.nonfinite must be 'raise' or 'skip', got {nonfinite!r}"
             )
-        self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
+        self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_clip = grad_clip
         self.nonfinite = nonfinite

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,18 +65,19 @@ class LatentDiffusionModule(StageModule):
 
     def __init__(
         self,
+        *,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        val_steps: int,
+        val_eta: float,
         flow_ckpt: str | None = None,
         scale: int = 8,
         unet: dict[str, Any] | None = None,
         diffusion: dict[str, Any] | None = None,
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
-        val_steps: int = 7,
-        val_eta: float = 1.0,
         val_seed: int = 0,
         panel_samples: int = 4,
         diagnostic_buckets: int = 10,
-        optimizer=None,
         scheduler=None,
         grad_clip: float | None = 1.0,
         nonfinite: str = "raise",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,11 +33,12 @@ class FlowModule(StageModule):
 
     def __init__(
         self,
+        *,
+        optimizer: Callable[..., torch.optim.Optimizer],
         scale: int = 8,
         flow: dict[str, Any] | None = None,
         sigma: float = ops.QUANT_STEP,
         val_seed: int = 0,
-        optimizer=None,
         scheduler=None,
         grad_clip: float | None = 10.0,
         nonfinite: str = "raise",
