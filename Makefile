@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 test: install
 	.venv/bin/ruff check gpsr tests scripts
 	.venv/bin/ruff format --check gpsr tests scripts
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 ## Fast iteration: everything but the tests marked slow.
 test-fast: install
