@@ -139,6 +139,41 @@ def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters:
     return x
 
 
+def _direct(
+    ah: torch.Tensor,
+    aw: torch.Tensor,
+    mask: torch.Tensor,
+    held: torch.Tensor,
+    ridge: float,
+    b: torch.Tensor,
+) -> torch.Tensor:
+    """Solve the Newton systems of `_newton_blocks` exactly, by Cholesky factorisation.
+
+    ah (k, b1, P), aw (k, b2, Q): the blocks' factors; mask (k, P, Q): each HR pixel's
+    weight; held, b (k, b1, b2): multipliers held at the bound (their rows become the
+    identity) and the right-hand side. The matrix `(A_h (x) A_w) diag(mask) (A_h (x) A_w)^T
+    + ridge I` is formed through the separable structure in O(k (b1 b2)^2 P + k P Q b2^2)
+    operations and factorised in O(k (b1 b2)^3): cheap for blocks of a few hundred LR
+    pixels, where conjugate gradients would take tens of small steps. Returns delta
+    (k, b1, b2).
+    """
+    k, b1, p = ah.shape
+    b2 = aw.shape[1]
+    n = b1 * b2
+    # t[p, j, l] = sum_q aw[j, q] aw[l, q] mask[p, q]; then sum_p ah[i, p] ah[m, p] t[p, j, l].
+    t = (aw[:, None] * mask[:, :, None, :]) @ aw.transpose(1, 2)[:, None]  # (k, P, b2, b2)
+    pairs = (ah[:, :, None, :] * ah[:, None, :, :]).reshape(k, b1 * b1, p)
+    m = (pairs @ t.reshape(k, p, b2 * b2)).reshape(k, b1, b1, b2, b2)
+    m = m.permute(0, 1, 3, 2, 4).reshape(k, n, n)
+    free = (1.0 - held).reshape(k, n)
+    m = free[:, :, None] * m * free[:, None, :]
+    m.diagonal(dim1=1, dim2=2).add_(free * ridge + held.reshape(k, n))
+    factor, info = torch.linalg.cholesky_ex(m)
+    if bool((info > 0).any()):  # not positive definite in floating point: least squares
+        return torch.linalg.lstsq(m, b.reshape(k, n, 1)).solution.reshape(k, b1, b2)
+    return torch.cholesky_solve(b.reshape(k, n, 1), factor).reshape(k, b1, b2)
+
+
 def _newton_blocks(
     ah: torch.Tensor,
     aw: torch.Tensor,
@@ -152,6 +187,8 @@ def _newton_blocks(
     budget: torch.Tensor,
     bound: float,
     clamped_weight: float = 1e-3,
+    direct_size: int = 256,
+    direct_after: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise each block's dual by semi-smooth Newton with Armijo backtracking.
 
@@ -159,7 +196,10 @@ def _newton_blocks(
     `z - A_h^T lam A_w` on the block's HR pixels; y, lam (k, b, b); budget (k,) long, the
     most Newton steps it may take; `bound` the largest |lam| (`_outward`). A block stops once
     the mean square of its projected gradient (`_outward`) is at most `tol`. Each step solves `A M A^T delta = r` (M: the unclamped pixels) by
-    Jacobi-preconditioned CG, to a relative accuracy that tightens as the residual falls.
+    Jacobi-preconditioned CG, to a relative accuracy that tightens as the residual falls;
+    blocks of at most `direct_size` LR pixels that are still unsolved after `direct_after`
+    steps (the hard ones, where CG needs many iterations) switch to exact Cholesky solves
+    (`_direct`). All live blocks have taken the same number of steps, so they switch together.
     When every pixel under an LR pixel is clamped that system is singular and Newton
     stalls, so a block whose line search had to backtrack gives its clamped pixels the small
     weight `clamped_weight` (clamped pixels can come back), shrinking tenfold after every
@@ -206,8 +246,11 @@ def _newton_blocks(
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
         rtol = (err[live] / err0[live]).sqrt().clamp(min=1e-12, max=0.1)
-        diag = (1.0 - held) * (down(live, mask, sq=True) + ridge) + held
-        delta = _pcg(normal, diag, (1.0 - held) * rl, rtol, iters=200)
+        if lam.shape[1] * lam.shape[2] <= direct_size and int(iters[live[0]]) > direct_after:
+            delta = _direct(ah[live], aw[live], mask, held, ridge, (1.0 - held) * rl)
+        else:
+            diag = (1.0 - held) * (down(live, mask, sq=True) + ridge) + held
+            delta = _pcg(normal, diag, (1.0 - held) * rl, rtol, iters=200)
         # Armijo backtracking along the projection arc on the concave dual, whose gradient
         # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
