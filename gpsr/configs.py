@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpsr.utils.cli import CONFIG_DIR
 
-__all__ = ["SCHEMAS", "register", "signature_defaults", "stage_module_config"]
+__all__ = ["register", "signature_defaults", "stage_module_config"]
 
 _PRIMITIVE = (type(None), bool, int, float, str)
 
@@ -36,6 +36,7 @@ def signature_defaults(cls: type) -> dict[str, Any]:
 
 
 def _classes() -> dict[str, type]:
+    """The classes with a schema, by schema name (imported on first use)."""
     from gpsr.data import GPSRDataModule
     from gpsr.stages import FlowModule, LatentDiffusionModule
 
@@ -46,7 +47,6 @@ def _classes() -> dict[str, type]:
     }
 
 
-SCHEMAS = ("flow_module", "ddpm_module", "data_module")
 _registered = False
 
 
