@@ -64,6 +64,12 @@ def _block_edges(h: int, block: int, shift: int) -> list[int]:
     return [0, *[e for e in inner if 0 < e < h], h]
 
 
+@functools.lru_cache(maxsize=4)
+def _dense_factor(n_hr: int, scale: int) -> torch.Tensor:
+    """One side's factor A (n_hr / scale, n_hr) as a dense float64 matrix on the CPU."""
+    return degradation_band(n_hr, scale).adjoint(torch.eye(n_hr // scale, dtype=torch.float64))
+
+
 @functools.lru_cache(maxsize=64)
 def _block_factors(n_hr: int, scale: int, block: int, shift: int, reach: bool = False):
     """One side's blocks: ranges [(i0, i1, p0, p1)] ([p0, p1): the HR pixels under LR rows
@@ -71,7 +77,7 @@ def _block_factors(n_hr: int, scale: int, block: int, shift: int, reach: bool = 
     (blocks, max rows, max cols), float64 on the CPU. With `reach`, each block's rows are
     widened to every LR row that sees one of the block's HR pixels: the LR pixels whose
     residual changes when the block's multipliers do."""
-    a = degradation_band(n_hr, scale).adjoint(torch.eye(n_hr // scale, dtype=torch.float64))
+    a = _dense_factor(n_hr, scale)
     support = a.abs() > 0  # (n_lr, n_hr)
 
     def span(v: torch.Tensor) -> tuple[int, int]:
@@ -195,8 +201,9 @@ def _newton_blocks(
     Block k: ah (k, b, P), aw (k, b, Q) the local factors; x, base (k, P, Q) the sample and
     `z - A_h^T lam A_w` on the block's HR pixels; y, lam (k, b, b); budget (k,) long, the
     most Newton steps it may take; `bound` the largest |lam| (`_outward`). A block stops once
-    the mean square of its projected gradient (`_outward`) is at most `tol`. Each step solves `A M A^T delta = r` (M: the unclamped pixels) by
-    Jacobi-preconditioned CG, to a relative accuracy that tightens as the residual falls;
+    the mean square of its projected gradient (`_outward`) is at most `tol`. Each step
+    solves `A M A^T delta = r` (M: the unclamped pixels) by Jacobi-preconditioned CG, to a
+    relative accuracy that tightens as the residual falls;
     blocks of at most `direct_size` LR pixels that are still unsolved after `direct_after`
     steps (the hard ones, where CG needs many iterations) switch to exact Cholesky solves
     (`_direct`). All live blocks have taken the same number of steps, so they switch together.
@@ -338,9 +345,10 @@ def project_consistent_box(
     worse = (r1 * r1).flatten(1).mean(1) > (r0 * r0).flatten(1).mean(1)
     lam[worse], z[worse] = 0.0, x64[worse]
 
-    # The residual y - D clamp(z), computed once and then refreshed only on the LR pixels
-    # that the solved blocks reach, so a sweep costs in proportion to the blocks it visits.
-    raw = y64 - separable(op_h, op_w, z.clamp(low, high))
+    # The residual y - D clamp(z) (r0 where z went back to x), from here on refreshed only on
+    # the LR pixels that the solved blocks reach, so a sweep costs in proportion to the
+    # blocks it visits.
+    raw = torch.where(worse[:, None, None], r0, r1)
 
     def residual() -> torch.Tensor:
         """The projected gradient (n*c, h, w): the residual less the entries of multipliers
