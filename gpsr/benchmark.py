@@ -276,8 +276,9 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trust.ckpt:
         result["trust"] = trust_report(cfg.trust.ckpt, cfg, device)
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
-    (out / "benchmark.md").write_text(benchmark_markdown(result))
-    log.info("\n%s", benchmark_markdown(result))
+    table = benchmark_markdown(result)
+    (out / "benchmark.md").write_text(table)
+    log.info("\n%s", table)
     return result
 
 

@@ -127,25 +127,6 @@ class SweepReportCallback(Callback):
             log.warning("no sweep report: %s", err)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpsr.report", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("sweep_dir", help="folder of an evaluation multirun (holds 0/, 1/, ...)")
-    args = parser.parse_args(argv)
-    try:
-        md = write_report(args.sweep_dir)
-    except FileNotFoundError as err:
-        print(f"gpsr: error: {err}", file=sys.stderr)
-        return 1
-    print(md.read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def benchmark_markdown(result: dict[str, Any]) -> str:
     """`gpsr.benchmark`'s table: each (operation, batch) in both modes with the optimised /
     reference speed-up, and the trust rows when present."""
@@ -181,3 +162,22 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
             for t in result["trust"]
         ]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpsr.report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("sweep_dir", help="folder of an evaluation multirun (holds 0/, 1/, ...)")
+    args = parser.parse_args(argv)
+    try:
+        md = write_report(args.sweep_dir)
+    except FileNotFoundError as err:
+        print(f"gpsr: error: {err}", file=sys.stderr)
+        return 1
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
