@@ -14,7 +14,7 @@ __all__ = ["add_diagnostic", "diagnostic_means"]
 def add_diagnostic(
     total: dict[str, torch.Tensor] | None, part: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Running sum of `timestep_diagnostic` results over batches (start with total=None)."""
+    """Running sum of `GPSR.diagnostic` results over batches (start with total=None)."""
     return part if total is None else {k: total[k] + part[k] for k in part}
 
 
