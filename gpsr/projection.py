@@ -122,26 +122,32 @@ def _outward(lam: torch.Tensor, r: torch.Tensor, bound: float) -> torch.Tensor:
 
 def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters: int):
     """Jacobi-preconditioned conjugate gradients for independent SPD systems (one per
-    leading index); stops each system at relative residual `rtol` (n,)."""
+    leading index); stops each system at relative residual `rtol` (n,). `matvec(v, idx)`
+    applies the matrices of systems idx (m,) long to v (m, ...): only the systems not yet
+    converged are iterated."""
     x = torch.zeros_like(b)
     r = b.clone()
-    zt = r / diag
-    p = zt.clone()
-    rz = _sum(r * zt)
+    p = r / diag
+    rz = _sum(r * p)
     stop = (rtol**2) * _sum(b * b)
+    act = (_sum(r * r) > stop).nonzero().flatten()
     for _ in range(iters):
-        ap = matvec(p)
-        pap = _sum(p * ap)
-        alpha = torch.where(pap > 0, rz / pap.clamp(min=1e-300), torch.zeros_like(pap))
-        x = x + alpha[:, None, None] * p
-        r = r - alpha[:, None, None] * ap
-        if bool((_sum(r * r) <= stop).all()):
+        if act.numel() == 0:
             break
-        zt = r / diag
-        rz_new = _sum(r * zt)
-        beta = torch.where(rz > 0, rz_new / rz.clamp(min=1e-300), torch.zeros_like(rz))
-        p = zt + beta[:, None, None] * p
-        rz = rz_new
+        pa = p[act]
+        ap = matvec(pa, act)
+        pap = _sum(pa * ap)
+        alpha = torch.where(pap > 0, rz[act] / pap.clamp(min=1e-300), torch.zeros_like(pap))
+        x[act] += alpha[:, None, None] * pa
+        ra = r[act] - alpha[:, None, None] * ap
+        r[act] = ra
+        going = _sum(ra * ra) > stop[act]
+        act, ra = act[going], ra[going]
+        zt = ra / diag[act]
+        rz_new = _sum(ra * zt)
+        beta = torch.where(rz[act] > 0, rz_new / rz[act].clamp(min=1e-300), torch.zeros_like(rz_new))
+        p[act] = zt + beta[:, None, None] * p[act]
+        rz[act] = rz_new
     return x
 
 
@@ -248,7 +254,8 @@ def _newton_blocks(
         # Projected Newton: multipliers held at the bound by the gradient stay there.
         held = _outward(lam_l, rl, bound).double()
 
-        def normal(v, i=live, m=mask, h=held):
+        def normal(v, idx, m=mask, h=held):
+            i, m, h = live[idx], m[idx], h[idx]
             return (1.0 - h) * (down(i, m * lift(i, (1.0 - h) * v)) + ridge * v) + h * v
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
@@ -261,22 +268,21 @@ def _newton_blocks(
         # Armijo backtracking along the projection arc on the concave dual, whose gradient
         # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
-        done = torch.zeros(live.numel(), dtype=torch.bool)
-        new = (zl, rl, ql, err[live])
+        zn, rn, qn, en = zl.clone(), rl.clone(), ql.clone(), err[live]
+        trying = torch.arange(live.numel())  # blocks whose step is not yet accepted
         for _ in range(40):
-            cand = (lam_l + step[:, None, None] * delta).clamp(-bound, bound)
-            trial = state(live, cand)
-            ok = ~done & (trial[2] >= ql + 1e-4 * _sum(rl * (cand - lam_l)))
-            lam_l = torch.where(ok[:, None, None], cand, lam_l)
-            new = tuple(
-                torch.where(ok.reshape(-1, *[1] * (t.dim() - 1)), t, o) for t, o in zip(trial, new)
-            )
-            done |= ok
-            if bool(done.all()):
+            cand = (lam_l[trying] + step[trying, None, None] * delta[trying]).clamp(-bound, bound)
+            tz, tr, tq, te = state(live[trying], cand)
+            gain = _sum(rl[trying] * (cand - lam_l[trying]))
+            ok = tq >= ql[trying] + 1e-4 * gain
+            acc = trying[ok]
+            lam_l[acc], zn[acc], rn[acc], qn[acc], en[acc] = cand[ok], tz[ok], tr[ok], tq[ok], te[ok]
+            trying = trying[~ok]
+            if trying.numel() == 0:
                 break
-            step = torch.where(done, step, step * 0.5)
+            step[trying] *= 0.5
         lam[live] = lam_l
-        z[live], r[live], q[live], err[live] = new
+        z[live], r[live], q[live], err[live] = zn, rn, qn, en
         full = step == 1.0
         weight[live] = torch.where(full, weight[live] * 0.1, torch.full_like(step, clamped_weight))
     return lam, iters

@@ -272,3 +272,34 @@ def test_box_projection_exact_newton_solve_matches_the_dense_system():
         m = f[:, None] * m * f[None, :] + torch.diag(held[i].flatten())
         want = torch.linalg.solve(m, b[i].flatten()).reshape(b1, b2)
         assert torch.allclose(got[i], want, atol=1e-9, rtol=1e-7)
+
+
+def test_box_projection_cg_iterates_each_system_to_its_own_tolerance():
+    """`_pcg` drops converged systems from the batch: systems of very different conditioning
+    (converging after different numbers of steps) must each reach their own tolerance, and
+    the matrix applied must be the one of the system's own index (`matvec(v, idx)`)."""
+    from gpsr.projection import _pcg
+
+    gen = torch.Generator().manual_seed(0)
+    k, n = 4, 6
+    q, _ = torch.linalg.qr(torch.randn(k, n * n, n * n, generator=gen, dtype=torch.float64))
+    spread = torch.tensor([1.0, 10.0, 1e3, 1e5], dtype=torch.float64)
+    eig = spread[:, None] ** torch.linspace(0, 1, n * n, dtype=torch.float64)[None]
+    mats = q @ torch.diag_embed(eig) @ q.transpose(1, 2)
+    b = torch.randn(k, n, n, generator=gen, dtype=torch.float64)
+    rtol = torch.tensor([1e-10, 1e-10, 1e-3, 1e-10], dtype=torch.float64)
+    seen = []
+
+    def matvec(v, idx):
+        seen.append(idx.numel())
+        return (mats[idx] @ v.reshape(len(idx), -1, 1)).reshape(v.shape)
+
+    diag = mats.diagonal(dim1=1, dim2=2).reshape(k, n, n)
+    x = _pcg(matvec, diag, b, rtol, iters=500)
+    res = (mats @ x.reshape(k, -1, 1)).reshape(k, n, n) - b
+    rel = res.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+    assert bool((rel <= rtol * 1.0001).all()), rel
+    want = torch.linalg.solve(mats, b.reshape(k, -1, 1)).reshape(k, n, n)
+    for i in (0, 1, 3):
+        assert torch.allclose(x[i], want[i], rtol=1e-6, atol=1e-8)
+    assert seen[0] == k and seen[-1] < k  # the easy systems left the batch
