@@ -119,6 +119,26 @@ def test_sampler_clamps_predicted_latent_per_channel():
     assert torch.equal(d.sample(wild, (2, 3, 4, 4), steps=3), 10 * sign)
 
 
+def test_sampler_calls_the_final_model_at_the_last_step_only():
+    """`final_model` (the same UNet tiled more densely) makes the last prediction, which is
+    the sample; every earlier step uses `model` (x0 parameterization: the output is the last
+    network's prediction itself)."""
+    d = GaussianDiffusion(1000, prediction="x0")
+    calls = []
+
+    def net(value):
+        def f(inp, t):
+            calls.append((value, float(t[0])))
+            return torch.full_like(inp, value)
+
+        return f
+
+    out = d.sample(net(1.0), (1, 2, 4, 4), steps=4, final_model=net(-1.0))
+    assert torch.equal(out, torch.full((1, 2, 4, 4), -1.0))
+    assert [v for v, _ in calls] == [1.0, 1.0, 1.0, -1.0]
+    assert calls[-1][1] == min(t for _, t in calls)  # the least noisy step
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_sampler_with_the_optimal_network_recovers_gaussian_data(eta):
     """For x0 ~ N(0, s^2) the optimal epsilon is linear in x_t; 1000 steps must give std s."""

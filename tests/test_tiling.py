@@ -41,9 +41,10 @@ def test_tiles_cover_the_side_and_overlap(size, tile, overlap, align):
 def test_blend_window_tapers_only_towards_neighbours():
     w = blend_window(32, 8)
     assert torch.allclose(w, w.flip(0))
-    assert torch.equal(w[:2], torch.zeros(2, dtype=torch.float64))  # a quarter of the overlap
-    assert w[2] > 0 and (w[2:8].diff() > 0).all()
+    assert w[0] > 0 and (w[:8].diff() > 0).all()  # every pixel of the overlap takes part
     assert torch.equal(w[8:24], torch.ones(16, dtype=torch.float64))
+    # Two tiles overlapping by exactly 8 pixels: their ramps add up to one there.
+    assert torch.allclose(w[24:] + w[:8], torch.ones(8, dtype=torch.float64))
     # At the image border (no tile before it) the tile keeps its full weight.
     first = blend_window(32, 8, start=False)
     assert torch.equal(first[:24], torch.ones(24, dtype=torch.float64))
@@ -138,6 +139,25 @@ def test_tiled_sampling_of_a_large_non_square_image():
     assert out.shape == (1, 3, 96, 160) and torch.isfinite(out).all()
 
 
+def test_the_last_step_uses_the_final_overlap(monkeypatch):
+    """GPSR sampling tiles every step with `tile_overlap` except the last, whose prediction
+    is the sample, with `tile_final_overlap`."""
+    import gpsr.models.gpsr as module
+
+    flow, unet, diffusion, stats = _small_model()
+    seen = []
+
+    class Recording(TiledDenoiser):
+        def forward(self, x, t):
+            seen.append(self.overlap)
+            return super().forward(x, t)
+
+    monkeypatch.setattr(module, "TiledDenoiser", Recording)
+    y = torch.zeros(1, 3, 16, 16)  # latent 32 x 32: several tiles of 16
+    GPSR(flow, unet, diffusion, stats).sample_signed(y, 3, tiling=Tiling(overlap=2))
+    assert seen == [2, 2, 8]
+
+
 def test_whole_latent_that_cannot_fit_is_refused_in_one_line(monkeypatch):
     flow, unet, diffusion, stats = _small_model()
     monkeypatch.setattr("gpsr.models.gpsr.available_memory", lambda device: 2**20)
@@ -154,6 +174,11 @@ def test_tile_settings_are_checked_by_name():
         Tiling(tile=6).unet_tile(unet, align=4)
     with pytest.raises(ConfigError, match="sampler.tile_overlap"):
         Tiling(tile=16, overlap=16).unet_overlap(16)
+    with pytest.raises(ConfigError, match="sampler.tile_final_overlap"):
+        Tiling(tile=16, final_overlap=16).unet_overlap(16, final=True)
+    with pytest.raises(ConfigError, match="sampler.tile_final_overlap"):
+        Tiling(final_overlap=None)
+    assert Tiling().unet_overlap(16) == 4 and Tiling().unet_overlap(16, final=True) == 8
     with pytest.raises(ConfigError, match="sampler.tile_batch"):
         Tiling(batch=0)
     with pytest.raises(ConfigError, match="sampler.flow_halo"):
@@ -186,8 +211,9 @@ def test_no_seams_at_tile_borders():
     y = ops.degrade(hr.float() / 127.5 - 1, 4)
     ratios = {}
     for overlap in (0, 4):
+        tiling = Tiling(tile=16, overlap=overlap, final_overlap=2 * overlap)
         out = GPSR(flow, unet, diffusion, stats).sample_signed(
-            y, 3, noise_fn=IndexNoise(range(4), 0, "cpu"), tiling=Tiling(tile=16, overlap=overlap)
+            y, 3, noise_fn=IndexNoise(range(4), 0, "cpu"), tiling=tiling
         )
         starts = tile_starts(128, 16, overlap, align=2)
         cuts = sorted({2 * s for s in starts[1:]} | {2 * (s + 16) for s in starts[:-1]})

@@ -329,10 +329,12 @@ class GaussianDiffusion:
         noise_fn: NoiseFn | None = None,
         spacing: str = "linspace",
         device: torch.device | str = "cpu",
+        final_model: Model | None = None,
     ) -> torch.Tensor:
         """Few-step sampler (Algorithm 3): `steps` network evaluations -> x0 of `shape`.
 
-        `model(x_t, t)` is called once per visited t. At each visited t the
+        `model(x_t, t)` is called once per visited t (`final_model`, if given, at the last
+        one, whose x0 is returned: the same network tiled differently). At each visited t the
         output becomes x0 (`x0_from_output`), clamped to `clip` (scalars or tensors
         broadcastable to `shape`), then eps (`eps_from_x0`); the last step returns x0,
         the others take `ddim_step`. `noise_fn(shape)` draws standard normal noise (defaults
@@ -345,7 +347,8 @@ class GaussianDiffusion:
         x0 = x
         for i, t in enumerate(ts):
             tt = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
-            out = model(x, self.model_time(tt)).to(x.dtype)
+            net = final_model if final_model is not None and i == len(ts) - 1 else model
+            out = net(x, self.model_time(tt)).to(x.dtype)
             x0 = self.x0_from_output(out, x, tt)
             if clip is not None:
                 lo, hi = (torch.as_tensor(c, dtype=x0.dtype, device=x0.device) for c in clip)

@@ -98,10 +98,11 @@ class GPSR(nn.Module):
         return self.diffusion.training_loss(CoarseConditioned(net, coarse.float()), zhat)
 
     # ------------------------------------------------------------------ Algorithm 3
-    def denoiser(self, coarse: torch.Tensor, tiling: Tiling) -> nn.Module:
+    def denoiser(self, coarse: torch.Tensor, tiling: Tiling, final: bool = False) -> nn.Module:
         """The UNet conditioned on coarse (N, C, h, w): run on overlapping tiles of the
-        latent when `tiling` asks for it and the latent is larger than one tile; otherwise
-        whole, after checking that its global attention fits in memory."""
+        latent when `tiling` asks for it and the latent is larger than one tile (`final`:
+        with the overlap of the last evaluation); otherwise whole, after checking that its
+        global attention fits in memory."""
         # Tiles start on the grid the UNet saw in training: whole LR pixels (k latent
         # pixels) and whole pixels of its deepest level.
         align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
@@ -110,7 +111,8 @@ class GPSR(nn.Module):
         if tile is None or (h <= tile and w <= tile):
             self._check_whole_latent(coarse.shape[0], h, w, coarse.device)
             return CoarseConditioned(self.unet, coarse)
-        tiled = TiledDenoiser(self.unet, tile, tiling.unet_overlap(tile), tiling.batch, align)
+        overlap = tiling.unet_overlap(tile, final)
+        tiled = TiledDenoiser(self.unet, tile, overlap, tiling.batch, align)
         return CoarseConditioned(tiled, coarse)
 
     def _check_whole_latent(self, n: int, h: int, w: int, device: torch.device) -> None:
@@ -144,8 +146,8 @@ class GPSR(nn.Module):
         `steps` UNet evaluations in the normalised latent space give z; steps = 0 is
         flow-only sampling, z ~ N(0, I) straight into the flow (Remark 3). `noise_fn(shape)`
         draws the noise (e.g. `IndexNoise`). `tiling` (None: the whole image at once) runs
-        the UNet on overlapping latent tiles and the flow inverse on tiles with a halo
-        (`gpsr.tiling`), so memory is bounded by the tile.
+        the UNet on overlapping latent tiles (denser at the last evaluation) and the flow
+        inverse on tiles with a halo (`gpsr.tiling`), so memory is bounded by the tile.
         """
         tiling = tiling or Tiling.whole()
         draw = noise_fn or (lambda s: torch.randn(s, device=y.device))
@@ -163,6 +165,7 @@ class GPSR(nn.Module):
                 clip=self.stats.bounds(),
                 noise_fn=draw,
                 spacing=spacing,
+                final_model=self.denoiser(coarse, tiling, final=True),
             )
             z = self.stats.denormalise(zhat.to(y.dtype))
         return self.flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
