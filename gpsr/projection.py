@@ -145,7 +145,9 @@ def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters:
         act, ra = act[going], ra[going]
         zt = ra / diag[act]
         rz_new = _sum(ra * zt)
-        beta = torch.where(rz[act] > 0, rz_new / rz[act].clamp(min=1e-300), torch.zeros_like(rz_new))
+        beta = torch.where(
+            rz[act] > 0, rz_new / rz[act].clamp(min=1e-300), torch.zeros_like(rz_new)
+        )
         p[act] = zt + beta[:, None, None] * p[act]
         rz[act] = rz_new
     return x
@@ -254,8 +256,8 @@ def _newton_blocks(
         # Projected Newton: multipliers held at the bound by the gradient stay there.
         held = _outward(lam_l, rl, bound).double()
 
-        def normal(v, idx, m=mask, h=held):
-            i, m, h = live[idx], m[idx], h[idx]
+        def normal(v, idx, lv=live, m=mask, h=held):
+            i, m, h = lv[idx], m[idx], h[idx]
             return (1.0 - h) * (down(i, m * lift(i, (1.0 - h) * v)) + ridge * v) + h * v
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
@@ -268,7 +270,7 @@ def _newton_blocks(
         # Armijo backtracking along the projection arc on the concave dual, whose gradient
         # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
-        zn, rn, qn, en = zl.clone(), rl.clone(), ql.clone(), err[live]
+        zn, rn, qn, en = zl, rl.clone(), ql.clone(), err[live]  # z[live] is a copy already
         trying = torch.arange(live.numel())  # blocks whose step is not yet accepted
         for _ in range(40):
             cand = (lam_l[trying] + step[trying, None, None] * delta[trying]).clamp(-bound, bound)
@@ -276,7 +278,8 @@ def _newton_blocks(
             gain = _sum(rl[trying] * (cand - lam_l[trying]))
             ok = tq >= ql[trying] + 1e-4 * gain
             acc = trying[ok]
-            lam_l[acc], zn[acc], rn[acc], qn[acc], en[acc] = cand[ok], tz[ok], tr[ok], tq[ok], te[ok]
+            for kept, trial in ((lam_l, cand), (zn, tz), (rn, tr), (qn, tq), (en, te)):
+                kept[acc] = trial[ok]
             trying = trying[~ok]
             if trying.numel() == 0:
                 break

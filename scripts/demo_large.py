@@ -242,7 +242,8 @@ def markdown(res: dict) -> str:
         "",
         f"Measured by `make demo-large` on {res['machine']} ({res['threads']} threads), "
         f"checkpoint `{res['ckpt']}`, default tiling (UNet tiles of its training size, 16 x 16 "
-        "latent pixels, overlap 4; flow tiles of 128 coarse pixels with the exact halo).",
+        "latent pixels, overlap 4 and 8 at the last step; flow tiles of 128 coarse pixels with "
+        "the exact halo).",
         "",
         "## `gpsr.sample` as the image grows (4x, 7+1 NFEs, projection on)",
         "",
