@@ -120,36 +120,46 @@ def _outward(lam: torch.Tensor, r: torch.Tensor, bound: float) -> torch.Tensor:
     return ((lam >= bound) & (r > 0)) | ((lam <= -bound) & (r < 0))
 
 
+def _take(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """t[idx], or t itself for idx None (all of it: no copy, no indexing)."""
+    return t if idx is None else t[idx]
+
+
 def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters: int):
     """Jacobi-preconditioned conjugate gradients for independent SPD systems (one per
     leading index); stops each system at relative residual `rtol` (n,). `matvec(v, idx)`
-    applies the matrices of systems idx (m,) long to v (m, ...): only the systems not yet
-    converged are iterated."""
+    applies the matrices of systems idx (m,) long (None: all n, in order) to v (m, ...). A
+    system leaves the iteration once it has converged; while none has, nothing is indexed
+    (small systems cost the number of operations, not their size)."""
     x = torch.zeros_like(b)
-    r = b.clone()
-    p = r / diag
+    idx, whole = torch.arange(b.shape[0]), True
+    xa, r, d, stop = torch.zeros_like(b), b.clone(), diag, (rtol**2) * _sum(b * b)
+    p = r / d
     rz = _sum(r * p)
-    stop = (rtol**2) * _sum(b * b)
-    act = (_sum(r * r) > stop).nonzero().flatten()
-    for _ in range(iters):
-        if act.numel() == 0:
+    for k in range(iters + 1):
+        going = _sum(r * r) > stop
+        if not bool(going.all()):
+            x[idx[~going]] = xa[~going]
+            idx, xa, r, p, d, stop, rz = (t[going] for t in (idx, xa, r, p, d, stop, rz))
+            whole = False
+            if idx.numel() == 0:
+                return x
+        if k == iters:
             break
-        pa = p[act]
-        ap = matvec(pa, act)
-        pap = _sum(pa * ap)
-        alpha = torch.where(pap > 0, rz[act] / pap.clamp(min=1e-300), torch.zeros_like(pap))
-        x[act] += alpha[:, None, None] * pa
-        ra = r[act] - alpha[:, None, None] * ap
-        r[act] = ra
-        going = _sum(ra * ra) > stop[act]
-        act, ra = act[going], ra[going]
-        zt = ra / diag[act]
-        rz_new = _sum(ra * zt)
-        beta = torch.where(
-            rz[act] > 0, rz_new / rz[act].clamp(min=1e-300), torch.zeros_like(rz_new)
-        )
-        p[act] = zt + beta[:, None, None] * p[act]
-        rz[act] = rz_new
+        if k > 0:
+            zt = r / d
+            rz_new = _sum(r * zt)
+            beta = torch.where(rz > 0, rz_new / rz.clamp(min=1e-300), torch.zeros_like(rz))
+            p = zt + beta[:, None, None] * p
+            rz = rz_new
+        ap = matvec(p, None if whole else idx)
+        pap = _sum(p * ap)
+        alpha = torch.where(pap > 0, rz / pap.clamp(min=1e-300), torch.zeros_like(pap))
+        xa = xa + alpha[:, None, None] * p
+        r = r - alpha[:, None, None] * ap
+    if whole:
+        return xa
+    x[idx] = xa
     return x
 
 
@@ -257,7 +267,7 @@ def _newton_blocks(
         held = _outward(lam_l, rl, bound).double()
 
         def normal(v, idx, lv=live, m=mask, h=held):
-            i, m, h = lv[idx], m[idx], h[idx]
+            i, m, h = _take(lv, idx), _take(m, idx), _take(h, idx)
             return (1.0 - h) * (down(i, m * lift(i, (1.0 - h) * v)) + ridge * v) + h * v
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
@@ -271,16 +281,22 @@ def _newton_blocks(
         # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
         zn, rn, qn, en = zl, rl.clone(), ql.clone(), err[live]  # z[live] is a copy already
-        trying = torch.arange(live.numel())  # blocks whose step is not yet accepted
+        trying = None  # the blocks whose step is not yet accepted (None: all of them)
         for _ in range(40):
-            cand = (lam_l[trying] + step[trying, None, None] * delta[trying]).clamp(-bound, bound)
-            tz, tr, tq, te = state(live[trying], cand)
-            gain = _sum(rl[trying] * (cand - lam_l[trying]))
-            ok = tq >= ql[trying] + 1e-4 * gain
-            acc = trying[ok]
+            lam_t = _take(lam_l, trying)
+            cand = (lam_t + _take(step, trying)[:, None, None] * _take(delta, trying)).clamp(
+                -bound, bound
+            )
+            tz, tr, tq, te = state(_take(live, trying), cand)
+            ok = tq >= _take(ql, trying) + 1e-4 * _sum(_take(rl, trying) * (cand - lam_t))
+            if trying is None and bool(ok.all()):  # every block takes the full step
+                lam_l, zn, rn, qn, en = cand, tz, tr, tq, te
+                break
+            every = torch.arange(live.numel()) if trying is None else trying
+            acc = every[ok]
             for kept, trial in ((lam_l, cand), (zn, tz), (rn, tr), (qn, tq), (en, te)):
                 kept[acc] = trial[ok]
-            trying = trying[~ok]
+            trying = every[~ok]
             if trying.numel() == 0:
                 break
             step[trying] *= 0.5

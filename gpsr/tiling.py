@@ -37,14 +37,21 @@ __all__ = [
 AUTO = "auto"
 
 
-def _setting(value, name: str, allow_zero: bool = False) -> int | str | None:
-    """A tile setting: None, "auto" or a positive (or, if allowed, zero) integer."""
-    if value is None or value == AUTO:
+def _setting(value, name: str, zero: bool = False, auto: bool = True, null: bool = True):
+    """Check one tile setting: a positive (or, with `zero`, non-negative) integer, or where
+    allowed "auto" or None; refuses anything else in one line naming `sampler.<name>`."""
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if (
+        (number and value >= (0 if zero else 1))
+        or (auto and value == AUTO)
+        or (null and value is None)
+    ):
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        low = "0 or more" if allow_zero else "a positive integer"
-        raise ConfigError(f"sampler.{name} must be {low}, 'auto' or null, got {value!r}")
-    return value
+    allowed = ["0 or more" if zero else "a positive integer"]
+    allowed += ["'auto'"] * auto + ["null"] * null
+    words = allowed[0] if len(allowed) == 1 else ", ".join(allowed[:-1]) + " or " + allowed[-1]
+    shown = "null" if value is None else repr(value)
+    raise ConfigError(f"sampler.{name} must be {words}, got {shown}")
 
 
 @dataclass(frozen=True)
@@ -73,20 +80,11 @@ class Tiling:
 
     def __post_init__(self):
         _setting(self.tile, "tile")
-        if self.overlap is None:
-            raise ConfigError("sampler.tile_overlap must be 0 or more or 'auto', got null")
-        _setting(self.overlap, "tile_overlap", allow_zero=True)
-        if self.final_overlap is None:
-            raise ConfigError("sampler.tile_final_overlap must be 0 or more or 'auto', got null")
-        _setting(self.final_overlap, "tile_final_overlap", allow_zero=True)
-        if _setting(self.batch, "tile_batch") is None or self.batch == AUTO:
-            raise ConfigError(f"sampler.tile_batch must be a positive integer, got {self.batch!r}")
-        if self.flow_tile == AUTO:
-            raise ConfigError("sampler.flow_tile must be a positive integer or null, got 'auto'")
-        _setting(self.flow_tile, "flow_tile")
-        if self.flow_halo is None:
-            raise ConfigError("sampler.flow_halo must be 0 or more or 'auto', got null")
-        _setting(self.flow_halo, "flow_halo", allow_zero=True)
+        _setting(self.overlap, "tile_overlap", zero=True, null=False)
+        _setting(self.final_overlap, "tile_final_overlap", zero=True, null=False)
+        _setting(self.batch, "tile_batch", auto=False, null=False)
+        _setting(self.flow_tile, "flow_tile", auto=False)
+        _setting(self.flow_halo, "flow_halo", zero=True, null=False)
 
     @classmethod
     def whole(cls) -> Tiling:

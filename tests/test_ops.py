@@ -290,9 +290,10 @@ def test_box_projection_cg_iterates_each_system_to_its_own_tolerance():
     rtol = torch.tensor([1e-10, 1e-10, 1e-3, 1e-10], dtype=torch.float64)
     seen = []
 
-    def matvec(v, idx):
-        seen.append(idx.numel())
-        return (mats[idx] @ v.reshape(len(idx), -1, 1)).reshape(v.shape)
+    def matvec(v, idx):  # idx None: every system, in order
+        sel = torch.arange(k) if idx is None else idx
+        seen.append(sel.numel())
+        return (mats[sel] @ v.reshape(len(sel), -1, 1)).reshape(v.shape)
 
     diag = mats.diagonal(dim1=1, dim2=2).reshape(k, n, n)
     x = _pcg(matvec, diag, b, rtol, iters=500)

@@ -176,8 +176,18 @@ def test_tile_settings_are_checked_by_name():
         Tiling(tile=16, overlap=16).unet_overlap(16)
     with pytest.raises(ConfigError, match="sampler.tile_final_overlap"):
         Tiling(tile=16, final_overlap=16).unet_overlap(16, final=True)
-    with pytest.raises(ConfigError, match="sampler.tile_final_overlap"):
+    with pytest.raises(
+        ConfigError, match="^sampler.tile_final_overlap must be 0 or more or 'auto', got null$"
+    ):
         Tiling(final_overlap=None)
+    with pytest.raises(
+        ConfigError, match="^sampler.flow_tile must be a positive integer or null, got 'auto'$"
+    ):
+        Tiling(flow_tile="auto")
+    with pytest.raises(
+        ConfigError, match="^sampler.tile must be a positive integer, 'auto' or null, got 2.5$"
+    ):
+        Tiling(tile=2.5)
     assert Tiling().unet_overlap(16) == 4 and Tiling().unet_overlap(16, final=True) == 8
     with pytest.raises(ConfigError, match="sampler.tile_batch"):
         Tiling(batch=0)
