@@ -102,8 +102,9 @@ def _block_factors(n_hr: int, scale: int, block: int, shift: int, reach: bool = 
     return ranges, stack
 
 
-def _sum(v: torch.Tensor) -> torch.Tensor:
-    return v.flatten(1).sum(1)
+def _sum(v: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Per-block sums of v (k, m, n): (k,), or (k, 1, 1) with keepdim."""
+    return v.sum((1, 2), keepdim=keepdim)
 
 
 def _outward(lam: torch.Tensor, r: torch.Tensor, bound: float) -> torch.Tensor:
@@ -133,11 +134,12 @@ def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters:
     (small systems cost the number of operations, not their size)."""
     x = torch.zeros_like(b)
     idx, whole = torch.arange(b.shape[0]), True
-    xa, r, d, stop = torch.zeros_like(b), b.clone(), diag, (rtol**2) * _sum(b * b)
+    xa, r, d = torch.zeros_like(b), b.clone(), diag
+    stop = rtol[:, None, None] ** 2 * _sum(b * b, keepdim=True)
     p = r / d
-    rz = _sum(r * p)
+    rz = _sum(r * p, keepdim=True)  # > 0 while r != 0 (d > 0), and p A p > 0 (A is SPD)
     for k in range(iters + 1):
-        going = _sum(r * r) > stop
+        going = (_sum(r * r, keepdim=True) > stop).flatten()
         if not bool(going.all()):
             x[idx[~going]] = xa[~going]
             idx, xa, r, p, d, stop, rz = (t[going] for t in (idx, xa, r, p, d, stop, rz))
@@ -148,15 +150,13 @@ def _pcg(matvec, diag: torch.Tensor, b: torch.Tensor, rtol: torch.Tensor, iters:
             break
         if k > 0:
             zt = r / d
-            rz_new = _sum(r * zt)
-            beta = torch.where(rz > 0, rz_new / rz.clamp(min=1e-300), torch.zeros_like(rz))
-            p = zt + beta[:, None, None] * p
+            rz_new = _sum(r * zt, keepdim=True)
+            p = zt.addcmul_(rz_new / rz, p)
             rz = rz_new
         ap = matvec(p, None if whole else idx)
-        pap = _sum(p * ap)
-        alpha = torch.where(pap > 0, rz / pap.clamp(min=1e-300), torch.zeros_like(pap))
-        xa = xa + alpha[:, None, None] * p
-        r = r - alpha[:, None, None] * ap
+        alpha = rz / _sum(p * ap, keepdim=True)
+        xa = xa.addcmul_(alpha, p)
+        r = r.addcmul_(alpha, ap, value=-1.0)
     if whole:
         return xa
     x[idx] = xa
@@ -235,23 +235,17 @@ def _newton_blocks(
     ah2, aw2 = ah * ah, aw * aw
     ridge = 1e-10 * float((ah2.sum(-1).amax(1) * aw2.sum(-1).amax(1)).mean())
 
-    def lift(i, v):  # A_h^T v A_w: (k, b, b) -> (k, P, Q)
-        return ah[i].transpose(1, 2) @ v @ aw[i]
-
-    def down(i, u, sq=False):  # A_h u A_w^T: (k, P, Q) -> (k, b, b)
-        a, w = (ah2[i], aw2[i]) if sq else (ah[i], aw[i])
-        return a @ u @ w.transpose(1, 2)
-
-    def state(i, lam_i):
-        """z, residual r, dual objective q and consistency of blocks i at lam_i."""
-        z = base[i] + lift(i, lam_i)
+    def state(a, w, bs, xs, ys, lam_i):
+        """z, residual r, dual objective q and consistency of the blocks with factors a, w,
+        base bs, sample xs and LR ys at lam_i."""
+        z = bs + a.transpose(1, 2) @ lam_i @ w
         xp = z.clamp(low, high)
-        r = y[i] - down(i, xp)
-        q = _sum(0.5 * (xp - x[i]) ** 2 - (z - x[i]) * xp) + _sum(lam_i * y[i])
+        r = ys - a @ xp @ w.transpose(1, 2)
+        q = _sum(0.5 * (xp - xs) ** 2 - (z - xs) * xp) + _sum(lam_i * ys)
         g = torch.where(_outward(lam_i, r, bound), 0.0, r)
-        return z, r, q, (g * g).flatten(1).mean(1)
+        return z, r, q, (g * g).mean((1, 2))
 
-    z, r, q, err = state(torch.arange(n), lam)
+    z, r, q, err = state(ah, aw, base, x, y, lam)
     err0 = err.clamp(min=1e-300)
     iters = torch.zeros(n, dtype=torch.long)
     weight = torch.zeros(n, dtype=torch.float64)
@@ -261,22 +255,25 @@ def _newton_blocks(
             break
         iters[live] += 1
         zl, rl, ql, lam_l = z[live], r[live], q[live], lam[live]
+        al, wl, bl, xl, yl = ah[live], aw[live], base[live], x[live], y[live]
         free = ((zl >= low) & (zl <= high)).double()
         mask = free + (1.0 - free) * weight[live, None, None]
         # Projected Newton: multipliers held at the bound by the gradient stay there.
         held = _outward(lam_l, rl, bound).double()
+        fh = 1.0 - held
 
-        def normal(v, idx, lv=live, m=mask, h=held):
-            i, m, h = _take(lv, idx), _take(m, idx), _take(h, idx)
-            return (1.0 - h) * (down(i, m * lift(i, (1.0 - h) * v)) + ridge * v) + h * v
+        def normal(v, idx, a=al, w=wl, m=mask, f=fh, h=held):
+            a, w, m, f, h = (_take(t, idx) for t in (a, w, m, f, h))
+            u = a.transpose(1, 2) @ (f * v) @ w
+            return f * (a @ (m * u) @ w.transpose(1, 2) + ridge * v) + h * v
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
         rtol = (err[live] / err0[live]).sqrt().clamp(min=1e-12, max=0.1)
         if lam.shape[1] * lam.shape[2] <= direct_size and int(iters[live[0]]) > direct_after:
-            delta = _direct(ah[live], aw[live], mask, held, ridge, (1.0 - held) * rl)
+            delta = _direct(al, wl, mask, held, ridge, fh * rl)
         else:
-            diag = (1.0 - held) * (down(live, mask, sq=True) + ridge) + held
-            delta = _pcg(normal, diag, (1.0 - held) * rl, rtol, iters=200)
+            diag = fh * (ah2[live] @ mask @ aw2[live].transpose(1, 2) + ridge) + held
+            delta = _pcg(normal, diag, fh * rl, rtol, iters=200)
         # Armijo backtracking along the projection arc on the concave dual, whose gradient
         # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
@@ -287,7 +284,7 @@ def _newton_blocks(
             cand = (lam_t + _take(step, trying)[:, None, None] * _take(delta, trying)).clamp(
                 -bound, bound
             )
-            tz, tr, tq, te = state(_take(live, trying), cand)
+            tz, tr, tq, te = state(*(_take(t, trying) for t in (al, wl, bl, xl, yl)), cand)
             ok = tq >= _take(ql, trying) + 1e-4 * _sum(_take(rl, trying) * (cand - lam_t))
             if trying is None and bool(ok.all()):  # every block takes the full step
                 lam_l, zn, rn, qn, en = cand, tz, tr, tq, te
