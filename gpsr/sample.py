@@ -192,13 +192,13 @@ def process_one(
     )
     stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
     reps = lr.expand(stack.shape[1], -1, -1, -1)
-    timing = f"sampled in {time.perf_counter() - t0:.1f} s"
+    timing = f"sampled in {time.perf_counter() - t0:.3g} s"
     raw = per_image_consistency(stack[0], reps, model.scale).mean().item() / CONSISTENCY_UNIT
     consistency = f"consistency x1e-5: sample {raw:.4g}"
     if sampler.project:
         t0 = time.perf_counter()
         stack, _ = model.project(stack, lr)
-        timing += f", projected in {time.perf_counter() - t0:.1f} s"
+        timing += f", projected in {time.perf_counter() - t0:.3g} s"
         cons = per_image_consistency(stack[0], reps, model.scale).mean().item()
         consistency += f", projected {cons / CONSISTENCY_UNIT:.4g}"
     write_outputs(stack[0], outs, cfg.save_float)

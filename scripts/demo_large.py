@@ -253,7 +253,7 @@ def markdown(res: dict) -> str:
     ]
     for r in res["scaling"]:
         lines.append(
-            f"| {r['lr']} | {r['hr']} | {r['sampling_s']:.1f} | {r['projection_s']:.1f} | "
+            f"| {r['lr']} | {r['hr']} | {r['sampling_s']:.3g} | {r['projection_s']:.3g} | "
             f"{r['sampling_s_per_mp']:.1f} | {r['projection_s_per_mp']:.1f} | "
             f"{r['peak_rss_gib']:.2f} | {r['raw_consistency']:.3g} | "
             f"{r['projected_consistency']:.3g} |"
