@@ -277,7 +277,9 @@ def _newton_blocks(
         # Armijo backtracking along the projection arc on the concave dual, whose gradient
         # is r: delta is an ascent direction, so a small enough step increases q.
         step = torch.ones(live.numel(), dtype=torch.float64)
-        zn, rn, qn, en = zl, rl.clone(), ql.clone(), err[live]  # z[live] is a copy already
+        # Copies already (indexed by live); a block's entries are read only while its step is
+        # still tried, so accepted steps are written over them in place.
+        zn, rn, qn, en = zl, rl, ql, err[live]
         trying = None  # the blocks whose step is not yet accepted (None: all of them)
         for _ in range(40):
             lam_t = _take(lam_l, trying)

@@ -95,9 +95,14 @@ class Tiling:
     def from_config(cls, sampler) -> Tiling:
         """From a config block with keys tile, tile_overlap, tile_final_overlap, tile_batch,
         flow_tile, flow_halo (a missing key keeps this class's default)."""
-        keys = {"tile": "tile", "tile_overlap": "overlap", "tile_final_overlap": "final_overlap"}
-        keys.update(tile_batch="batch")
-        keys.update(flow_tile="flow_tile", flow_halo="flow_halo")
+        keys = {
+            "tile": "tile",
+            "tile_overlap": "overlap",
+            "tile_final_overlap": "final_overlap",
+            "tile_batch": "batch",
+            "flow_tile": "flow_tile",
+            "flow_halo": "flow_halo",
+        }
         return cls(**{field: sampler[key] for key, field in keys.items() if key in sampler})
 
     def unet_tile(self, unet: nn.Module, align: int) -> int | None:

@@ -98,11 +98,11 @@ class GPSR(nn.Module):
         return self.diffusion.training_loss(CoarseConditioned(net, coarse.float()), zhat)
 
     # ------------------------------------------------------------------ Algorithm 3
-    def denoiser(self, coarse: torch.Tensor, tiling: Tiling, final: bool = False) -> nn.Module:
-        """The UNet conditioned on coarse (N, C, h, w): run on overlapping tiles of the
-        latent when `tiling` asks for it and the latent is larger than one tile (`final`:
-        with the overlap of the last evaluation); otherwise whole, after checking that its
-        global attention fits in memory."""
+    def denoisers(self, coarse: torch.Tensor, tiling: Tiling) -> tuple[nn.Module, nn.Module]:
+        """The UNet conditioned on coarse (N, C, h, w), for every step but the last and for
+        the last: on overlapping latent tiles (`tiling.overlap`, then `tiling.final_overlap`)
+        when `tiling` asks for it and the latent is larger than one tile; otherwise whole (the
+        same module twice), after checking once that its global attention fits in memory."""
         # Tiles start on the grid the UNet saw in training: whole LR pixels (k latent
         # pixels) and whole pixels of its deepest level.
         align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
@@ -110,10 +110,18 @@ class GPSR(nn.Module):
         h, w = coarse.shape[-2:]
         if tile is None or (h <= tile and w <= tile):
             self._check_whole_latent(coarse.shape[0], h, w, coarse.device)
-            return CoarseConditioned(self.unet, coarse)
-        overlap = tiling.unet_overlap(tile, final)
-        tiled = TiledDenoiser(self.unet, tile, overlap, tiling.batch, align)
-        return CoarseConditioned(tiled, coarse)
+            whole = CoarseConditioned(self.unet, coarse)
+            return whole, whole
+        steps, last = (
+            CoarseConditioned(
+                TiledDenoiser(
+                    self.unet, tile, tiling.unet_overlap(tile, final), tiling.batch, align
+                ),
+                coarse,
+            )
+            for final in (False, True)
+        )
+        return steps, last
 
     def _check_whole_latent(self, n: int, h: int, w: int, device: torch.device) -> None:
         """Refuse, in one line, a whole-latent UNet call whose global attention cannot fit
@@ -157,15 +165,16 @@ class GPSR(nn.Module):
         else:
             self._require_diffusion()
             coarse = ops.upsample_nearest(y, self.flow.k)
+            model, final_model = self.denoisers(coarse, tiling)
             zhat = self.diffusion.sample(
-                self.denoiser(coarse, tiling),
+                model,
                 shape,
                 steps=steps,
                 eta=eta,
                 clip=self.stats.bounds(),
                 noise_fn=draw,
                 spacing=spacing,
-                final_model=self.denoiser(coarse, tiling, final=True),
+                final_model=final_model,
             )
             z = self.stats.denormalise(zhat.to(y.dtype))
         return self.flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
