@@ -118,17 +118,38 @@ def tiled_vs_whole(model: GPSR) -> dict:
     return result
 
 
-def time_projection(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> dict:
-    """Box projection of each image alone: seconds (mean, max), Newton steps, consistency."""
+def best_of(measure, budget_s: float = 60.0, most: int = 3) -> dict:
+    """Run `measure()` (-> dict) until `budget_s` seconds have passed or `most` times, and
+    keep the fastest: each key ending in "_s" is its minimum over the runs (on a shared
+    machine the fastest run is the one least slowed down by other work), "peak_rss_gib"
+    its maximum, every other key its first value; "runs" counts the runs."""
+    start, results = time.perf_counter(), []
+    while not results or (len(results) < most and time.perf_counter() - start < budget_s):
+        results.append(measure())
+    best = dict(results[0], runs=len(results))
+    for key in best:
+        if key.endswith("_s"):
+            best[key] = min(r[key] for r in results)
+        elif key == "peak_rss_gib":
+            best[key] = max(r[key] for r in results)
+    return best
+
+
+def time_projection(sr: torch.Tensor, lr: torch.Tensor, scale: int, repeats: int = 3) -> dict:
+    """Box projection of each image alone: seconds (mean, max; each image's fastest of
+    `repeats` runs), Newton steps, consistency."""
     seconds, steps, cons = [], [], []
     for x, y in zip(sr, lr):
-        t0 = time.perf_counter()
-        proj, its = project_consistent_box(x[None], y[None], scale)
-        seconds.append(time.perf_counter() - t0)
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            proj, its = project_consistent_box(x[None], y[None], scale)
+            runs.append(time.perf_counter() - t0)
+        seconds.append(min(runs))
         steps.append(int(its[0]))
         cons.append(consistency(proj, y[None], scale))
     return {
-        "images": len(seconds), "side": sr.shape[-1], "scale": scale,
+        "images": len(seconds), "side": sr.shape[-1], "scale": scale, "repeats": repeats,
         "seconds_mean": float(np.mean(seconds)), "seconds_max": float(np.max(seconds)),
         "steps_mean": float(np.mean(steps)), "steps_max": int(np.max(steps)),
         "consistency_max": float(np.max(cons)),
@@ -189,33 +210,43 @@ def run_sample(ckpt: Path, image: Path, out: Path) -> dict:
             "line": line}  # fmt: skip
 
 
+def _sample_in_fresh_parent(ckpt: Path, image: Path, out: Path) -> dict:
+    """`run_sample` from a fresh parent process, so the children's peak RSS is this run's."""
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]);"
+        "from scripts.demo_large import run_sample;"
+        "print(json.dumps(run_sample(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt), str(image), str(out), str(REPO)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def scaling(ckpt: Path, out: Path, sides: list[int]) -> list[dict]:
-    """Part 3: one gpsr.sample process per LR side, each measured by a fresh parent."""
+    """Part 3: one gpsr.sample process per LR side, each measured by a fresh parent;
+    `best_of` repeats the sizes that take under a minute (up to 3 runs)."""
     photo = Image.fromarray(skimage.data.coffee())
     rows = []
     for side in sides:
         image = out / "inputs" / f"coffee_lr{side}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
         photo.resize((side, side), Image.BICUBIC).save(image)
-        # A fresh parent per size, so the children's peak RSS is this size's alone.
-        code = (
-            "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]);"
-            "from scripts.demo_large import run_sample;"
-            "print(json.dumps(run_sample(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))))"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(ckpt), str(image), str(out / "sr"), str(REPO)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-        )  # fmt: skip
-        if proc.returncode:
-            raise SystemExit(proc.stderr[-3000:])
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = best_of(lambda image=image: _sample_in_fresh_parent(ckpt, image, out / "sr"))
         mp = (side * 4) ** 2 / 1e6
         row.update(lr=side, hr=side * 4, megapixels=mp)
         row["sampling_s_per_mp"] = row["sampling_s"] / mp
         row["projection_s_per_mp"] = row["projection_s"] / mp
         rows.append(row)
-        print(f"LR {side}: {row['line']} (peak RSS {row['peak_rss_gib']:.2f} GiB)", flush=True)
+        print(
+            f"LR {side}: {row['line']} (peak RSS {row['peak_rss_gib']:.2f} GiB; fastest of "
+            f"{row['runs']} runs: sampled in {row['sampling_s']:.3g} s, projected in "
+            f"{row['projection_s']:.3g} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -247,13 +278,14 @@ def markdown(res: dict) -> str:
         "",
         "## `gpsr.sample` as the image grows (4x, 7+1 NFEs, projection on)",
         "",
-        "| LR side | HR side | sampling s | projection s | sampling s/MP | projection s/MP "
-        "| peak RSS GiB | raw consistency | projected consistency |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| LR side | HR side | runs | sampling s | projection s | sampling s/MP "
+        "| projection s/MP | peak RSS GiB | raw consistency | projected consistency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["scaling"]:
         lines.append(
-            f"| {r['lr']} | {r['hr']} | {r['sampling_s']:.3g} | {r['projection_s']:.3g} | "
+            f"| {r['lr']} | {r['hr']} | {r['runs']} | {r['sampling_s']:.3g} | "
+            f"{r['projection_s']:.3g} | "
             f"{r['sampling_s_per_mp']:.1f} | {r['projection_s_per_mp']:.1f} | "
             f"{r['peak_rss_gib']:.2f} | {r['raw_consistency']:.3g} | "
             f"{r['projected_consistency']:.3g} |"
@@ -261,6 +293,8 @@ def markdown(res: dict) -> str:
     pv = res["pieces_vs_tiled"]
     lines += [
         "",
+        "Times: the fastest of `runs` runs of the whole `gpsr.sample` process (sizes that "
+        "take under a minute are run up to 3 times; peak RSS is the largest over the runs). "
         "Consistency in units of 1e-5 MSE, as in Table 1; the LR input is the photo "
         "`skimage.data.coffee()` resized to the side given.",
         "",
@@ -281,6 +315,8 @@ def markdown(res: dict) -> str:
     lines += [
         "",
         "## Box projection of one 128 x 128 image",
+        "",
+        "Each image projected 3 times, its fastest run kept.",
         "",
         "| scale | input | s / image (mean, max) | Newton steps (mean, max) | worst consistency |",
         "|---|---|---|---|---|",
