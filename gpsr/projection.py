@@ -320,6 +320,8 @@ def project_consistent_box(
     chunk: int = 2**22,
     patience: int = 3,
     max_dual: float = 1000.0,
+    whole: int = 4096,
+    whole_iter: int = 6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
 
@@ -335,6 +337,11 @@ def project_consistent_box(
     image's consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken
     `max_iter` Newton steps (the most any of its blocks took in a sweep, summed over the
     sweeps), after `max_sweeps`, or once `patience` sweeps in a row have not improved it.
+    An LR image of at most `whole` pixels (but larger than one block) first gets one sweep
+    in which each (image, channel) is a single block, of at most `whole_iter` Newton steps:
+    at that size a sweep costs its number of tensor operations more than its arithmetic,
+    and an image without hard regions is usually solved there; what is left goes on in
+    blocks as above.
 
     An LR image that no image in the box can produce (an upscaled or sharpened photo with
     clipped, one-pixel-thin dark or bright lines can be one) has no exact projection. The
@@ -349,6 +356,11 @@ def project_consistent_box(
     Newton steps per image (N,) long).
     """
     _check_shapes(x, y, scale, "project_consistent_box")
+    if block < 3:  # one colour's blocks are one block apart; the bicubic reaches 1.5 LR pixels
+        raise ConfigError(
+            f"project_consistent_box: block={block} LR pixels; it must be at least 3, or blocks "
+            f"solved together would share HR pixels"
+        )
     n, c, H, W = x.shape
     h, w = H // scale, W // scale
     x64 = x.reshape(n * c, H, W).to(torch.float64)
@@ -390,9 +402,15 @@ def project_consistent_box(
         busy = (err > tol) & (steps < max_iter) & (stalled < patience)
         if sweep == max_sweeps or not bool(busy.any()):
             break
-        # Regions that stay hard are solved together in larger blocks (up to 512 HR pixels).
-        side = max(block, min(block * 2 ** (sweep // 2), 512 // scale))
-        shift = side // 2 if sweep % 2 else 0
+        first_whole = h * w <= whole and max(h, w) > block  # (else blocks are whole anyway)
+        if first_whole and sweep == 0:  # one block per (image, channel)
+            side, shift, per_sweep = max(h, w), 0, whole_iter
+        else:
+            # Regions that stay hard are solved together in larger blocks (up to 512 HR
+            # pixels); from one sweep to the next the grid moves by half a block.
+            k = sweep - 1 if first_whole else sweep
+            side = max(block, min(block * 2 ** (k // 2), 512 // scale))
+            shift, per_sweep = (side // 2 if k % 2 else 0), sweep_iter
         rows, ah_all = _block_factors(H, scale, side, shift)
         cols, aw_all = _block_factors(W, scale, side, shift)
         ah_all, aw_all = ah_all.to(x.device), aw_all.to(x.device)
@@ -415,7 +433,7 @@ def project_consistent_box(
             per_chunk = max(1, chunk // (ah_all.shape[2] * aw_all.shape[2]))
             for start in range(0, len(todo), per_chunk):
                 part = todo[start : start + per_chunk]
-                budget = (max_iter - steps[[p[0] for p in part]]).clamp(max=sweep_iter)
+                budget = (max_iter - steps[[p[0] for p in part]]).clamp(max=per_sweep)
                 its = _solve_blocks(
                     part,
                     rows,

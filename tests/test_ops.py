@@ -7,6 +7,7 @@ import torchvision.transforms.v2.functional as TF
 
 from gpsr import ops
 from gpsr.projection import project_consistent, project_consistent_box
+from gpsr.utils.errors import ConfigError
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
@@ -81,12 +82,13 @@ def test_projection_is_consistent(dtype, tol, scale):
     assert before > 1e3 * rel * y.norm()  # the test input was far from consistent
 
 
-def test_box_projection_ends_inside_box_and_consistent():
+@pytest.mark.parametrize("whole", [0, 4096], ids=["blocks", "whole-first"])
+def test_box_projection_ends_inside_box_and_consistent(whole):
     gen = torch.Generator().manual_seed(1)
     hr = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
     y = ops.degrade(hr, 8)
     x = (hr + 0.3 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    xp, iters = project_consistent_box(x, y, 8)
+    xp, iters = project_consistent_box(x, y, 8, whole=whole)
     assert xp.min() >= 0 and xp.max() <= 1
     assert (((ops.degrade(xp, 8) - y) ** 2).flatten(1).mean(1) <= 1e-12).all()
     assert iters.shape == (2,) and (iters >= 1).all() and (iters < 300).all()
@@ -118,16 +120,17 @@ def test_dequantize_range():
     assert d.std() > 0
 
 
-def test_box_projection_is_the_closest_feasible_point():
+@pytest.mark.parametrize("whole", [0, 4096], ids=["blocks", "whole-first"])
+def test_box_projection_is_the_closest_feasible_point(whole):
     """Against scipy's SLSQP on a small problem: the same minimiser of ||x' - x||^2."""
     from scipy.optimize import minimize
 
     gen = torch.Generator().manual_seed(2)
     hr = torch.rand(1, 1, 16, 16, generator=gen, dtype=torch.float64)
-    y = ops.degrade(hr, 4)
+    y = ops.degrade(hr, 2)  # LR 8 x 8: 2 x 2 blocks of 4 LR pixels, or first one block
     x = (hr + 0.4 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    xp, _ = project_consistent_box(x, y, 4)
-    ah = ops.degradation_matrix(16, 4)
+    xp, _ = project_consistent_box(x, y, 2, whole=whole, block=4)
+    ah = ops.degradation_matrix(16, 2)
     dense = torch.kron(ah, ah).numpy()  # row-major vec(A X A^T) = (A kron A) vec(X)
     x0, yv = x.flatten().numpy(), y.flatten().numpy()
     res = minimize(
@@ -192,6 +195,47 @@ def test_projection_of_nearly_consistent_samples_barely_changes_psnr():
         return -10 * torch.log10(((a - hr) ** 2).flatten(1).mean(1))
 
     assert ((psnr(xp) - psnr(x)).abs() < 0.5).all()
+
+
+@pytest.mark.parametrize("whole", [0, 24 * 16], ids=["blocks", "whole-first"])
+def test_box_projection_small_images_start_with_one_block(monkeypatch, whole):
+    """An LR image of at most `whole` pixels is first solved as one block per (image,
+    channel), with at most `whole_iter` Newton steps, and then in blocks as before; larger
+    images start in blocks. Checked on the blocks each `_solve_blocks` call receives."""
+    import gpsr.projection as projection
+
+    calls = []
+    solve = projection._solve_blocks
+
+    def spy(part, rows, cols, *args):
+        calls.append((list(part), rows, cols, args[-1].clone()))
+        return solve(part, rows, cols, *args)
+
+    monkeypatch.setattr(projection, "_solve_blocks", spy)
+    gen = torch.Generator().manual_seed(3)
+    hr = torch.rand(1, 2, 64, 96, generator=gen, dtype=torch.float64)  # LR 16 x 24 at 4x
+    y = ops.degrade(hr, 4)
+    x = (hr + 0.3 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    xp, _ = project_consistent_box(x, y, 4, whole=whole, whole_iter=1, block=4)
+    assert ((ops.degrade(xp, 4) - y) ** 2).mean() <= 1e-12
+    part, rows, cols, budget = calls[0]
+    if whole:
+        assert [(r[0], r[1]) for r in rows] == [(0, 16)] and [(c[0], c[1]) for c in cols] == [
+            (0, 24)
+        ]
+        assert sorted(part) == [(0, 0, 0), (1, 0, 0)] and (budget == 1).all()
+        assert len(calls) > 1 and len(calls[1][1]) > 1  # then blocks of 4 LR pixels
+    else:
+        assert len(rows) == 4 and len(cols) == 6 and (budget == 30).all()
+
+
+def test_box_projection_refuses_blocks_that_would_share_pixels():
+    """Blocks of one colour are one block apart; narrower than 3 LR pixels, the bicubic
+    support of two of them overlaps and their updates of the shared HR pixels would
+    overwrite each other (the image then stops being x + D^T lam)."""
+    x = torch.rand(1, 1, 64, 64, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="block=2 .* at least 3"):
+        project_consistent_box(x, ops.degrade(x, 4), 4, block=2)
 
 
 def test_downsample_average_is_the_block_mean():
