@@ -75,7 +75,7 @@ class Tiling:
     overlap: int | str = AUTO
     final_overlap: int | str = AUTO
     batch: int = 32
-    flow_tile: int | None = 128
+    flow_tile: int | None = 256
     flow_halo: int | str = AUTO
 
     def __post_init__(self):

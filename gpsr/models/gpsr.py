@@ -203,7 +203,7 @@ class GPSR(nn.Module):
         samples independent of batching.
         spacing: timesteps visited, "linspace" (the paper) or "trailing".
         tiling: how large images are split (`gpsr.tiling.Tiling`); the default runs the UNet
-        on overlapping tiles of its training size and the flow inverse on 128 x 128 coarse
+        on overlapping tiles of its training size and the flow inverse on 256 x 256 coarse
         tiles with an exact halo, so memory is bounded by the tile; `Tiling.whole()` runs
         every image in one piece.
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
