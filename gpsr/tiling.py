@@ -226,10 +226,13 @@ def tiled_inverse(
     Output tile (y0, x0) of side `tile` (coarse pixels) is decoded from the input region
     grown by `halo` on every side (clipped to the image) and cropped back. With `halo` at
     least the flow's receptive radius this equals `flow.inverse(coarse, latent)` up to float
-    rounding. `tile=None`, or an image no larger than one tile, decodes in one call.
+    rounding. `tile=None`, or an image no larger than one tile with its halo (sides at most
+    tile + 2 halo: within the memory a tile takes, and exact), decodes in one call: tiles
+    would decode most of such an image again and again (with the paper flow's halo of 640,
+    each of the 16 tiles of 256 of a 1024 x 1024 coarse image would decode nearly all of it).
     """
     h, w = coarse.shape[-2:]
-    if tile is None or (h <= tile and w <= tile):
+    if tile is None or (h <= tile + 2 * halo and w <= tile + 2 * halo):
         return flow.inverse(coarse, latent)
     out = coarse.new_empty(*coarse.shape[:-2], 2 * h, 2 * w)
     for y0 in range(0, h, tile):

@@ -115,6 +115,24 @@ def test_tiled_inverse_equals_the_whole_inverse_with_its_halo():
     assert not torch.allclose(short, whole, atol=1e-6 * big, rtol=0)
 
 
+def test_tiled_inverse_decodes_an_image_within_one_haloed_tile_in_one_call(monkeypatch):
+    """An image no larger than a tile with its halo on both sides (tile + 2 halo) is decoded
+    in one call, the whole image (within the tiles' memory bound, and exact); one pixel more
+    and it is tiled (3 x 3 tiles of 16 here)."""
+    flow = tiny_flow(scale=4, dtype=torch.float64, std=0.05)
+    gen = torch.Generator().manual_seed(2)
+    coarse = torch.randn(1, 3, 40, 40, dtype=torch.float64, generator=gen)
+    latent = torch.randn(1, 9, 40, 40, dtype=torch.float64, generator=gen)
+    calls = []
+    inverse = flow.inverse
+    monkeypatch.setattr(flow, "inverse", lambda c, z: calls.append(c.shape[-2:]) or inverse(c, z))
+    out = tiled_inverse(flow, coarse, latent, tile=16, halo=12)
+    assert calls == [(40, 40)] and torch.equal(out, inverse(coarse, latent))
+    calls.clear()
+    tiled_inverse(flow, coarse, latent, tile=16, halo=11)
+    assert len(calls) == 9
+
+
 def _small_model():
     flow = tiny_flow(scale=4, std=0.05)
     unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.02)
