@@ -331,13 +331,14 @@ def project_consistent_box(
     cuts the LR image into blocks and visits their four colours; blocks are solved together
     up to `chunk` HR pixels at a time, so memory is bounded by the chunk and work grows
     with the number of pixels (2**18 keeps a batch's tensors of a few MB in the cache:
-    larger batches made a 2048 x 2048 image 10-20 % slower per pixel). From one sweep to the next the block grid moves by half a
-    block (a border between two blocks lies inside one in the next sweep), and every second
-    sweep the blocks double in side (from `block` LR pixels up to 512 HR pixels), so a hard
-    region that spans several blocks is finally solved as one. Sweeps repeat until every
-    image's consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken
-    `max_iter` Newton steps (the most any of its blocks took in a sweep, summed over the
-    sweeps), after `max_sweeps`, or once `patience` sweeps in a row have not improved it.
+    larger batches made a 2048 x 2048 image 10-20 % slower per pixel). From one sweep to the
+    next the block grid moves by half a block (a border between two blocks lies inside one
+    in the next sweep), and every second sweep the blocks double in side (from `block` LR
+    pixels up to 512 HR pixels), so a hard region that spans several blocks is finally
+    solved as one. Sweeps repeat until every image's consistency `mean((D_s(x') - y)^2)` is
+    at most `tol`, an image has taken `max_iter` Newton steps (the most any of its blocks
+    took in a sweep, summed over the sweeps), after `max_sweeps`, or once `patience` sweeps
+    in a row have not improved it.
     An LR image of at most `whole` pixels (but larger than one block) first gets one sweep
     in which each (image, channel) is a single block, of at most `whole_iter` Newton steps:
     at that size a sweep costs its number of tensor operations more than its arithmetic,
@@ -394,6 +395,7 @@ def project_consistent_box(
 
     best_z, best_err = z.clone(), torch.full((n * c,), float("inf"), dtype=torch.float64)
     stalled = torch.zeros(n * c, dtype=torch.long)
+    first_whole = h * w <= whole and max(h, w) > block  # (else blocks are whole anyway)
     for sweep in range(max_sweeps + 1):
         r = residual()
         err = (r * r).flatten(1).mean(1)
@@ -403,15 +405,14 @@ def project_consistent_box(
         busy = (err > tol) & (steps < max_iter) & (stalled < patience)
         if sweep == max_sweeps or not bool(busy.any()):
             break
-        first_whole = h * w <= whole and max(h, w) > block  # (else blocks are whole anyway)
         if first_whole and sweep == 0:  # one block per (image, channel)
             side, shift, per_sweep = max(h, w), 0, whole_iter
         else:
             # Regions that stay hard are solved together in larger blocks (up to 512 HR
             # pixels); from one sweep to the next the grid moves by half a block.
-            k = sweep - 1 if first_whole else sweep
-            side = max(block, min(block * 2 ** (k // 2), 512 // scale))
-            shift, per_sweep = (side // 2 if k % 2 else 0), sweep_iter
+            grid_sweep = sweep - 1 if first_whole else sweep  # sweeps in blocks so far
+            side = max(block, min(block * 2 ** (grid_sweep // 2), 512 // scale))
+            shift, per_sweep = (side // 2 if grid_sweep % 2 else 0), sweep_iter
         rows, ah_all = _block_factors(H, scale, side, shift)
         cols, aw_all = _block_factors(W, scale, side, shift)
         ah_all, aw_all = ah_all.to(x.device), aw_all.to(x.device)

@@ -172,10 +172,10 @@ class TiledDenoiser(nn.Module):
     """A network applied tile by tile: x (N, C_in, H, W), t (N,) -> (N, C_out, H, W).
 
     Tiles of side `tile` (or the whole side, if smaller) start at multiples of `align` and
-    overlap by at least `overlap`; each
-    output pixel is the weighted mean of the outputs of the tiles covering it, with weights
-    `blend_window` (outer product; every pixel has a tile of positive weight). An input no larger than one tile goes through the
-    network unchanged. Peak memory is that of `batch` tiles plus the output.
+    overlap by at least `overlap`; each output pixel is the weighted mean of the outputs of
+    the tiles covering it, with weights `blend_window` (outer product; every pixel has a
+    tile of positive weight). An input no larger than one tile goes through the network
+    unchanged. Peak memory is that of `batch` tiles plus the output.
     """
 
     def __init__(self, model: nn.Module, tile: int, overlap: int, batch: int = 16, align: int = 1):
