@@ -229,6 +229,32 @@ def test_box_projection_small_images_start_with_one_block(monkeypatch, whole):
         assert len(rows) == 4 and len(cols) == 6 and (budget == 30).all()
 
 
+def test_box_projection_keeps_an_image_sized_block_whole(monkeypatch):
+    """Every second sweep moves the block grid by half a block, but once a block is as large
+    as the image the grid stays put: moved, it would cut the image into two halves again
+    (and undo what the whole-image solve reached). Blocks of 4, 8, 16 LR pixels on a 16 x 16
+    LR image: every visit after the first image-sized one is one block."""
+    import gpsr.projection as projection
+
+    blocks = []
+    solve = projection._solve_blocks
+
+    def spy(part, rows, cols, *args):
+        blocks.append((len(rows), len(cols)))
+        return solve(part, rows, cols, *args)
+
+    monkeypatch.setattr(projection, "_solve_blocks", spy)
+    gen = torch.Generator().manual_seed(5)
+    hr = torch.rand(1, 1, 64, 64, generator=gen, dtype=torch.float64)
+    y = ops.degrade(hr, 4)
+    x = (hr + 0.3 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    # tol=0: every sweep runs (up to max_sweeps), whatever the residual.
+    project_consistent_box(x, y, 4, block=4, whole=0, tol=0.0, max_sweeps=8, patience=99)
+    first = blocks.index((1, 1))
+    assert blocks[0] != (1, 1) and len(blocks) - first >= 3
+    assert blocks[first:] == [(1, 1)] * (len(blocks) - first)
+
+
 def test_box_projection_refuses_blocks_that_would_share_pixels():
     """Blocks of one colour are one block apart; narrower than 3 LR pixels, the bicubic
     support of two of them overlaps and their updates of the shared HR pixels would
