@@ -59,7 +59,11 @@ def project_consistent(x: torch.Tensor, y: torch.Tensor, scale: int) -> torch.Te
 
 
 def _block_edges(h: int, block: int, shift: int) -> list[int]:
-    """Edges of LR blocks of side `block` along a side of h pixels, the grid moved by `shift`."""
+    """Edges of LR blocks of side `block` along a side of h pixels, the grid moved by `shift`.
+    A side no longer than one block stays one block, however the grid moves: moved, it would
+    only be cut in two again."""
+    if h <= block:
+        return [0, h]
     inner = range(shift if shift else block, h, block)
     return [0, *[e for e in inner if 0 < e < h], h]
 
@@ -333,12 +337,12 @@ def project_consistent_box(
     with the number of pixels (2**18 keeps a batch's tensors of a few MB in the cache:
     larger batches made a 2048 x 2048 image 10-20 % slower per pixel). From one sweep to the
     next the block grid moves by half a block (a border between two blocks lies inside one
-    in the next sweep; once a block covers the image, it stays one block), and every second
+    in the next sweep; a side no longer than a block stays one block), and every second
     sweep the blocks double in side (from `block` LR pixels up to 512 HR pixels), so a hard
-    region that spans several blocks is finally solved as one. Sweeps repeat until every image's consistency `mean((D_s(x') - y)^2)` is
-    at most `tol`, an image has taken `max_iter` Newton steps (the most any of its blocks
-    took in a sweep, summed over the sweeps), after `max_sweeps`, or once `patience` sweeps
-    in a row have not improved it.
+    region that spans several blocks is finally solved as one. Sweeps repeat until every
+    image's consistency `mean((D_s(x') - y)^2)` is at most `tol`, an image has taken
+    `max_iter` Newton steps (the most any of its blocks took in a sweep, summed over the
+    sweeps), after `max_sweeps`, or once `patience` sweeps in a row have not improved it.
     An LR image of at most `whole` pixels (but larger than one block) first gets one sweep
     in which each (image, channel) is a single block, of at most `whole_iter` Newton steps:
     at that size a sweep costs its number of tensor operations more than its arithmetic,
@@ -409,12 +413,10 @@ def project_consistent_box(
             side, shift, per_sweep = max(h, w), 0, whole_iter
         else:
             # Regions that stay hard are solved together in larger blocks (up to 512 HR
-            # pixels); from one sweep to the next the grid moves by half a block, unless a
-            # block is as large as the image: moved, it would only cut the image in two.
+            # pixels); from one sweep to the next the grid moves by half a block.
             grid_sweep = sweep - 1 if first_whole else sweep  # sweeps in blocks so far
             side = max(block, min(block * 2 ** (grid_sweep // 2), 512 // scale))
-            moved = grid_sweep % 2 and side < max(h, w)
-            shift, per_sweep = (side // 2 if moved else 0), sweep_iter
+            shift, per_sweep = (side // 2 if grid_sweep % 2 else 0), sweep_iter
         rows, ah_all = _block_factors(H, scale, side, shift)
         cols, aw_all = _block_factors(W, scale, side, shift)
         ah_all, aw_all = ah_all.to(x.device), aw_all.to(x.device)

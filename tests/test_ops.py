@@ -197,11 +197,9 @@ def test_projection_of_nearly_consistent_samples_barely_changes_psnr():
     assert ((psnr(xp) - psnr(x)).abs() < 0.5).all()
 
 
-@pytest.mark.parametrize("whole", [0, 24 * 16], ids=["blocks", "whole-first"])
-def test_box_projection_small_images_start_with_one_block(monkeypatch, whole):
-    """An LR image of at most `whole` pixels is first solved as one block per (image,
-    channel), with at most `whole_iter` Newton steps, and then in blocks as before; larger
-    images start in blocks. Checked on the blocks each `_solve_blocks` call receives."""
+def _spy_block_solves(monkeypatch) -> list:
+    """Record every `_solve_blocks` call of the box projection as (blocks, row ranges, column
+    ranges, Newton-step budget); the calls still solve."""
     import gpsr.projection as projection
 
     calls = []
@@ -212,6 +210,15 @@ def test_box_projection_small_images_start_with_one_block(monkeypatch, whole):
         return solve(part, rows, cols, *args)
 
     monkeypatch.setattr(projection, "_solve_blocks", spy)
+    return calls
+
+
+@pytest.mark.parametrize("whole", [0, 24 * 16], ids=["blocks", "whole-first"])
+def test_box_projection_small_images_start_with_one_block(monkeypatch, whole):
+    """An LR image of at most `whole` pixels is first solved as one block per (image,
+    channel), with at most `whole_iter` Newton steps, and then in blocks as before; larger
+    images start in blocks. Checked on the blocks each `_solve_blocks` call receives."""
+    calls = _spy_block_solves(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     hr = torch.rand(1, 2, 64, 96, generator=gen, dtype=torch.float64)  # LR 16 x 24 at 4x
     y = ops.degrade(hr, 4)
@@ -229,30 +236,26 @@ def test_box_projection_small_images_start_with_one_block(monkeypatch, whole):
         assert len(rows) == 4 and len(cols) == 6 and (budget == 30).all()
 
 
-def test_box_projection_keeps_an_image_sized_block_whole(monkeypatch):
-    """Every second sweep moves the block grid by half a block, but once a block is as large
-    as the image the grid stays put: moved, it would cut the image into two halves again
-    (and undo what the whole-image solve reached). Blocks of 4, 8, 16 LR pixels on a 16 x 16
-    LR image: every visit after the first image-sized one is one block."""
-    import gpsr.projection as projection
-
-    blocks = []
-    solve = projection._solve_blocks
-
-    def spy(part, rows, cols, *args):
-        blocks.append((len(rows), len(cols)))
-        return solve(part, rows, cols, *args)
-
-    monkeypatch.setattr(projection, "_solve_blocks", spy)
+def test_box_projection_keeps_a_side_of_one_block_whole(monkeypatch):
+    """Every second sweep moves the block grid by half a block, but a side no longer than one
+    block stays one block: moved, it would be cut into two halves again (and undo what the
+    solve of the whole side reached). Blocks of 4, 8, 16, 32 LR pixels on a 16 x 32 LR image:
+    once the rows (columns) are one block, they stay one block in every later visit - also
+    while the longer side is still cut (a rule on the whole image, side >= max(h, w),
+    would cut the rows in two at blocks of 16)."""
+    calls = _spy_block_solves(monkeypatch)
     gen = torch.Generator().manual_seed(5)
-    hr = torch.rand(1, 1, 64, 64, generator=gen, dtype=torch.float64)
+    hr = torch.rand(1, 1, 64, 128, generator=gen, dtype=torch.float64)
     y = ops.degrade(hr, 4)
     x = (hr + 0.3 * torch.randn(hr.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
     # tol=0: every sweep runs (up to max_sweeps), whatever the residual.
-    project_consistent_box(x, y, 4, block=4, whole=0, tol=0.0, max_sweeps=8, patience=99)
-    first = blocks.index((1, 1))
-    assert blocks[0] != (1, 1) and len(blocks) - first >= 3
-    assert blocks[first:] == [(1, 1)] * (len(blocks) - first)
+    project_consistent_box(x, y, 4, block=4, whole=0, tol=0.0, max_sweeps=10, patience=99)
+    for counts in ([len(c[1]) for c in calls], [len(c[2]) for c in calls]):
+        first = counts.index(1)
+        assert counts[0] > 1 and len(counts) - first >= 3
+        assert counts[first:] == [1] * (len(counts) - first)
+    rows_whole = [len(c[1]) for c in calls].index(1)
+    assert len(calls[rows_whole][2]) > 1  # rows one block while the columns are still cut
 
 
 def test_box_projection_refuses_blocks_that_would_share_pixels():
