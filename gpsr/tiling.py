@@ -241,7 +241,9 @@ def tiled_inverse(
             top, left = max(0, y0 - halo), max(0, x0 - halo)
             bottom, right = min(h, y1 + halo), min(w, x1 + halo)
             part = flow.inverse(
-                coarse[..., top:bottom, left:right], latent[..., top:bottom, left:right]
+                coarse[..., top:bottom, left:right],
+                latent[..., top:bottom, left:right],
+                offset=(top, left),
             )
             out[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1] = part[
                 ..., 2 * (y0 - top) : 2 * (y1 - top), 2 * (x0 - left) : 2 * (x1 - left)

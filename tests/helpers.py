@@ -73,9 +73,11 @@ def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> tor
     return module
 
 
-def tiny_flow(scale: int = 4, dtype=torch.float32, std: float = 0.05) -> DegradationFlow:
-    flow = DegradationFlow(scale=scale, num_blocks=3, num_convs=3, growth=8).to(dtype)
-    return randomize_(flow, std=std)
+def tiny_flow(
+    scale: int = 4, dtype=torch.float32, std: float = 0.05, position: bool = False
+) -> DegradationFlow:
+    flow = DegradationFlow(scale=scale, num_blocks=3, num_convs=3, growth=8, position=position)
+    return randomize_(flow.to(dtype), std=std)
 
 
 # Small model settings shared by the stage and resume tests.

@@ -4,14 +4,16 @@ import pytest
 import torch
 
 from gpsr import ops
-from gpsr.models.flow import DegradationFlow
+from gpsr.models.flow import DegradationFlow, block_position
 from tests.helpers import tiny_flow
 
 
-@pytest.mark.parametrize("scale", [2, 4, 8])
-def test_inverse_recovers_input_with_random_weights(scale):
+@pytest.mark.parametrize(
+    "scale, position", [(2, False), (4, False), (8, False), (4, True), (8, True)]
+)
+def test_inverse_recovers_input_with_random_weights(scale, position):
     torch.manual_seed(0)
-    flow = tiny_flow(scale)
+    flow = tiny_flow(scale, position=position)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     coarse, latent, logdet = flow(x)
     assert coarse.shape == (2, 3, 16, 16) and latent.shape == (2, 9, 16, 16)
@@ -31,9 +33,10 @@ def test_identity_at_initialisation():
     assert torch.all(logdet == 0)
 
 
-def test_logdet_matches_brute_force_jacobian():
+@pytest.mark.parametrize("position", [False, True])
+def test_logdet_matches_brute_force_jacobian(position):
     torch.manual_seed(0)
-    flow = tiny_flow(4, dtype=torch.float64, std=0.1)
+    flow = tiny_flow(4, dtype=torch.float64, std=0.1, position=position)
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
 
     def full(inp):
@@ -166,3 +169,45 @@ def test_flow_loss_is_the_brute_force_negative_log_likelihood():
     assert terms["loss"].item() == pytest.approx(expect.item(), rel=1e-9)
     assert terms["logdet"].item() == pytest.approx(logdet, rel=1e-9)
     assert math.isfinite(terms["bpd"].item())
+
+
+def test_block_position_marks_each_coarse_pixel_inside_its_lr_block():
+    """k = 2: -1 on even, +1 on odd rows (channel 0) and columns (channel 1); an offset moves
+    the pattern with the tile; k = 4: four evenly spaced values."""
+    pos = block_position(3, 4, 2)
+    assert pos.shape == (1, 2, 3, 4)
+    assert pos[0, 0, :, 0].tolist() == [-1, 1, -1] and pos[0, 0, 1].tolist() == [1] * 4
+    assert pos[0, 1, 0].tolist() == [-1, 1, -1, 1] and pos[0, 1, :, 2].tolist() == [-1] * 3
+    moved = block_position(3, 4, 2, offset=(1, 2))
+    assert moved[0, 0, :, 0].tolist() == [1, -1, 1] and torch.equal(moved[0, 1], pos[0, 1])
+    assert block_position(1, 6, 4, offset=(0, 1))[0, 1, 0].tolist() == pytest.approx(
+        [-1 / 3, 1 / 3, 1, -1, -1 / 3, 1 / 3]
+    )
+
+
+@torch.no_grad()
+def test_position_flow_decodes_a_crop_like_the_whole_image_given_its_offset():
+    """Away from the borders a crop decodes like the whole image only when told where it
+    lies: with the right offset the flow is the same function of position everywhere (an
+    odd offset is where a dropped or misread offset shows), with the wrong one it is not.
+    Without `position` the flow cannot tell the offsets apart at all."""
+    for position in (True, False):
+        torch.manual_seed(0)
+        flow = tiny_flow(4, dtype=torch.float64, std=0.1, position=position)
+        gen = torch.Generator().manual_seed(3)
+        coarse = torch.randn(1, 3, 60, 60, dtype=torch.float64, generator=gen)
+        latent = torch.randn(1, 9, 60, 60, dtype=torch.float64, generator=gen)
+        whole = flow.inverse(coarse, latent)
+        r = flow.receptive_radius
+        crop = (slice(None), slice(None), slice(1, 59), slice(2, 60))
+        inner = (..., slice(2 * r, -2 * r), slice(2 * r, -2 * r))
+        want = whole[..., 2:118, 4:120][inner]
+        right = flow.inverse(coarse[crop], latent[crop], offset=(1, 2))[inner]
+        wrong = flow.inverse(coarse[crop], latent[crop])[inner]
+        assert torch.allclose(right, want, atol=1e-12, rtol=0)
+        assert torch.allclose(wrong, want, atol=1e-12, rtol=0) is not position
+
+
+def test_position_needs_a_block_to_be_inside():
+    with pytest.raises(ValueError, match="model.flow.position needs scale >= 4"):
+        DegradationFlow(scale=2, num_blocks=1, num_convs=2, growth=4, position=True)

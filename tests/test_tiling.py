@@ -115,6 +115,20 @@ def test_tiled_inverse_equals_the_whole_inverse_with_its_halo():
     assert not torch.allclose(short, whole, atol=1e-6 * big, rtol=0)
 
 
+@torch.no_grad()
+def test_tiled_inverse_tells_a_position_flow_where_each_tile_lies():
+    """A flow with `position` decodes a tile by where it lies in the image: with an odd
+    halo the tiles start on odd coarse rows and columns, so a tile decoded as if it started
+    at (0, 0) would come out different from the whole image."""
+    flow = tiny_flow(scale=4, dtype=torch.float64, std=0.05, position=True)
+    gen = torch.Generator().manual_seed(1)
+    coarse = torch.randn(1, 3, 45, 70, dtype=torch.float64, generator=gen)
+    latent = torch.randn(1, 9, 45, 70, dtype=torch.float64, generator=gen)
+    whole = flow.inverse(coarse, latent)
+    tiled = tiled_inverse(flow, coarse, latent, tile=16, halo=flow.receptive_radius + 1)
+    assert torch.allclose(tiled, whole, atol=1e-12 * whole.abs().max(), rtol=0)
+
+
 def test_tiled_inverse_decodes_an_image_within_one_haloed_tile_in_one_call(monkeypatch):
     """An image no larger than a tile with its halo on both sides (tile + 2 halo) is decoded
     in one call, the whole image (within the tiles' memory bound, and exact); one pixel more
@@ -125,7 +139,9 @@ def test_tiled_inverse_decodes_an_image_within_one_haloed_tile_in_one_call(monke
     latent = torch.randn(1, 9, 40, 40, dtype=torch.float64, generator=gen)
     calls = []
     inverse = flow.inverse
-    monkeypatch.setattr(flow, "inverse", lambda c, z: calls.append(c.shape[-2:]) or inverse(c, z))
+    monkeypatch.setattr(
+        flow, "inverse", lambda c, z, **kw: calls.append(c.shape[-2:]) or inverse(c, z, **kw)
+    )
     out = tiled_inverse(flow, coarse, latent, tile=16, halo=12)
     assert calls == [(40, 40)] and torch.equal(out, inverse(coarse, latent))
     calls.clear()

@@ -17,12 +17,35 @@ from gpsr import ops
 from gpsr.tiling import tiled_inverse
 from gpsr.utils.errors import ConfigError
 
-__all__ = ["DenseBlock", "CouplingBlock", "DegradationFlow", "soft_clamp", "flow_loss_terms"]
+__all__ = [
+    "DenseBlock",
+    "CouplingBlock",
+    "DegradationFlow",
+    "block_position",
+    "soft_clamp",
+    "flow_loss_terms",
+]
 
 
 def soft_clamp(s: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     """`(2/pi) * alpha * atan(s / alpha)`: any shape, values mapped into (-alpha, alpha)."""
     return (2.0 * alpha / math.pi) * torch.atan(s / alpha)
+
+
+def block_position(
+    h: int, w: int, k: int, offset: tuple[int, int] = (0, 0), like: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Where each coarse pixel lies inside its LR pixel's k x k block: (1, 2, h, w), the row
+    and the column index modulo k scaled to [-1, 1] (k = 2: -1 on even, +1 on odd rows and
+    columns). `offset` (coarse pixels) is the position of pixel (0, 0) in the whole image, so
+    a crop or a tile gets the whole image's values; `like` gives dtype and device."""
+    dev = None if like is None else like.device
+    dt = torch.float32 if like is None else like.dtype
+    rows = (torch.arange(h, device=dev) + offset[0]) % k
+    cols = (torch.arange(w, device=dev) + offset[1]) % k
+    rows = (2.0 * rows / (k - 1) - 1.0).to(dt)[:, None].expand(h, w)
+    cols = (2.0 * cols / (k - 1) - 1.0).to(dt)[None, :].expand(h, w)
+    return torch.stack([rows, cols])[None]
 
 
 class DenseBlock(nn.Module):
@@ -62,34 +85,43 @@ class CouplingBlock(nn.Module):
     (s2, t2) = U(d). Log-det per sample: sum(sc(s1)) + sum(sc(s2)).
     """
 
-    def __init__(self, channels: int, num_convs: int, growth: int, clamp: float = 2.0):
+    def __init__(
+        self, channels: int, num_convs: int, growth: int, clamp: float = 2.0, extra: int = 0
+    ):
         super().__init__()
         self.clamp = clamp
-        self.predict = DenseBlock(channels, 2 * 3 * channels, num_convs, growth)  # P
-        self.update = DenseBlock(3 * channels, 2 * channels, num_convs, growth)  # U
+        # `extra` channels of position (`block_position`) are inputs of both subnets.
+        self.predict = DenseBlock(channels + extra, 2 * 3 * channels, num_convs, growth)  # P
+        self.update = DenseBlock(3 * channels + extra, 2 * channels, num_convs, growth)  # U
 
-    def _scale_shift(self, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_shift(
+        self, net: nn.Module, x: torch.Tensor, pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Subnets may run in bf16 under autocast; the affine maps and log-det stay in float32
         # (or float64), so invertibility and consistency do not depend on the subnet precision.
+        if pos is not None:
+            x = torch.cat([x, pos.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
         out = net(x)
         out = out.to(torch.promote_types(out.dtype, torch.float32))
         s, t = out.chunk(2, dim=1)
         return soft_clamp(s, self.clamp), t
 
     def forward(
-        self, c: torch.Tensor, d: torch.Tensor
+        self, c: torch.Tensor, d: torch.Tensor, pos: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s1, t1 = self._scale_shift(self.predict, c)
+        s1, t1 = self._scale_shift(self.predict, c, pos)
         d = torch.exp(s1) * d + t1
-        s2, t2 = self._scale_shift(self.update, d)
+        s2, t2 = self._scale_shift(self.update, d, pos)
         c = torch.exp(s2) * c + t2
         logdet = s1.flatten(1).sum(1) + s2.flatten(1).sum(1)
         return c, d, logdet
 
-    def inverse(self, c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s2, t2 = self._scale_shift(self.update, d)
+    def inverse(
+        self, c: torch.Tensor, d: torch.Tensor, pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s2, t2 = self._scale_shift(self.update, d, pos)
         c = (c - t2) * torch.exp(-s2)
-        s1, t1 = self._scale_shift(self.predict, c)
+        s1, t1 = self._scale_shift(self.predict, c, pos)
         d = (d - t1) * torch.exp(-s1)
         return c, d
 
@@ -102,6 +134,11 @@ class DegradationFlow(nn.Module):
         channels: image channels C (3 for RGB).
         num_blocks, num_convs, growth: depth and width (paper: 16, 20, 24 -> 30,761,280 params).
         clamp: soft-clamp bound alpha of the log-scales.
+        position: give every coupling subnet two more input channels, the position of each
+            coarse pixel inside its LR pixel's block (`block_position`; scale >= 4). The
+            coarse output must be constant on those blocks, and 3 x 3 convolutions alone can
+            only find where they start from an image border: without this the flow learns
+            the degradation near borders only (docs/large_images.md). Not in the paper.
     """
 
     def __init__(
@@ -112,6 +149,7 @@ class DegradationFlow(nn.Module):
         num_convs: int = 20,
         growth: int = 24,
         clamp: float = 2.0,
+        position: bool = False,
     ):
         super().__init__()
         if scale < 2 or scale % 2:
@@ -122,8 +160,15 @@ class DegradationFlow(nn.Module):
         self.k = self.scale // 2
         self.channels = channels
         self.num_blocks, self.num_convs = num_blocks, num_convs
+        if position and self.k < 2:
+            raise ConfigError(
+                f"model.flow.position needs scale >= 4 (at scale {scale} an LR pixel is one "
+                f"coarse pixel: there is no position inside it)"
+            )
+        self.position = bool(position)
+        extra = 2 if self.position else 0
         self.blocks = nn.ModuleList(
-            CouplingBlock(channels, num_convs, growth, clamp) for _ in range(num_blocks)
+            CouplingBlock(channels, num_convs, growth, clamp, extra) for _ in range(num_blocks)
         )
         # Activation checkpointing per block (see `speed_up`).
         self.checkpointing = False
@@ -156,24 +201,34 @@ class DegradationFlow(nn.Module):
             )
         ops.check_divisible(x.shape[-2], x.shape[-1], self.scale)
 
+    def _position(self, c: torch.Tensor, offset: tuple[int, int]) -> torch.Tensor | None:
+        if not self.position:
+            return None
+        return block_position(c.shape[-2], c.shape[-1], self.k, offset, like=c)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, C, H, W) in [-1, 1] -> coarse (N, C, H/2, W/2) ~ U_k(D_s(x)),
-        latent (N, 3C, H/2, W/2) ~ N(0, I), logdet (N,) of the coupling blocks (the Haar
-        log-det is a constant and left out)."""
+        """x (N, C, H, W) in [-1, 1], its LR grid starting at pixel (0, 0) -> coarse
+        (N, C, H/2, W/2) ~ U_k(D_s(x)), latent (N, 3C, H/2, W/2) ~ N(0, I), logdet (N,) of
+        the coupling blocks (the Haar log-det is a constant and left out)."""
         self._check_image(x)
         c, d = ops.haar2d(x)
+        pos = self._position(c, (0, 0))
         logdet = x.new_zeros(x.shape[0])
         recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                c, d, ld = checkpoint(block, c, d, use_reentrant=False)
+                c, d, ld = checkpoint(block, c, d, pos, use_reentrant=False)
             else:
-                c, d, ld = block(c, d)
+                c, d, ld = block(c, d, pos)
             logdet = logdet + ld
         return c, d, logdet
 
-    def inverse(self, coarse: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """coarse (N, C, h, w), latent (N, 3C, h, w) -> image (N, C, 2h, 2w), about [-1, 1]."""
+    def inverse(
+        self, coarse: torch.Tensor, latent: torch.Tensor, offset: tuple[int, int] = (0, 0)
+    ) -> torch.Tensor:
+        """coarse (N, C, h, w), latent (N, 3C, h, w) -> image (N, C, 2h, 2w), about [-1, 1].
+        `offset`: where coarse pixel (0, 0) lies in the whole image (a tile's corner), used
+        by a flow with `position`."""
         if coarse.dim() != 4 or latent.shape != (
             coarse.shape[0],
             3 * coarse.shape[1],
@@ -184,8 +239,9 @@ class DegradationFlow(nn.Module):
                 f"(N, C, h, w) and (N, 3C, h, w)"
             )
         c, d = coarse, latent
+        pos = self._position(c, offset)
         for block in reversed(self.blocks):
-            c, d = block.inverse(c, d)
+            c, d = block.inverse(c, d, pos)
         return ops.ihaar2d(c, d)
 
     def pseudoinverse(
