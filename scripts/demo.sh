@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: train both stages on the bundled photos, evaluate (Table 1 protocol with the
 # baselines and the consistency projection), sweep the number of sampling steps, write the
-# report. About 13 minutes on 2 CPU cores. Outputs under $GPSR_DEMO_DIR (default: demo/).
+# report. About 15-19 minutes on 2 CPU cores. Outputs under $GPSR_DEMO_DIR (default: demo/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

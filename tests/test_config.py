@@ -172,6 +172,18 @@ def test_paper_parameter_counts_through_hydra(tmp_path):
     assert flow_cfg.stage.module.scheduler.step_size == 100_000 and flow_cfg.data.batch_size == 16
 
 
+def test_demo_flow_has_block_position_and_its_documented_size(tmp_path):
+    """experiment=demo turns the block position on (README, docs/method.md §8: 130,512
+    parameters, 121,872 without); the paper experiment keeps it off (count above)."""
+    cfg = compose_cfg(["experiment=demo", "stage=flow"], output_dir=tmp_path)
+    flow = instantiate(cfg.stage.module).flow
+    assert flow.position and sum(p.numel() for p in flow.parameters()) == 130_512
+    off = compose_cfg(
+        ["experiment=demo", "stage=flow", "model.flow.position=false"], output_dir=tmp_path
+    )
+    assert sum(p.numel() for p in instantiate(off.stage.module).flow.parameters()) == 121_872
+
+
 def test_demo_datamodule_builds_from_config(tmp_path):
     cfg = compose_cfg(["data.demo_count=24"], output_dir=tmp_path)
     dm = instantiate(cfg.data)
