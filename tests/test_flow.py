@@ -208,6 +208,17 @@ def test_position_flow_decodes_a_crop_like_the_whole_image_given_its_offset():
         assert torch.allclose(wrong, want, atol=1e-12, rtol=0) is not position
 
 
-def test_position_needs_a_block_to_be_inside():
-    with pytest.raises(ValueError, match="model.flow.position needs scale >= 4"):
-        DegradationFlow(scale=2, num_blocks=1, num_convs=2, growth=4, position=True)
+def test_position_adds_nothing_at_scale_2_and_two_channels_per_conv_above():
+    """At scale 2 an LR pixel is one coarse pixel (nothing to mark): the same flow as without
+    `position`. At 4 and 8 every conv of both subnets gets 2 more input channels."""
+
+    def count(scale, position):
+        flow = DegradationFlow(scale, num_blocks=2, num_convs=3, growth=4, position=position)
+        return flow.position, sum(p.numel() for p in flow.parameters())
+
+    assert count(2, True) == (False, count(2, False)[1])
+    for scale in (4, 8):
+        # per block: P has 2 hidden convs (growth 4) and an output conv (18 channels), U the
+        # same with 6 output channels; 3 x 3 kernels.
+        extra = 2 * 9 * ((2 * 4 + 18) + (2 * 4 + 6))
+        assert count(scale, True) == (True, count(scale, False)[1] + 2 * extra)

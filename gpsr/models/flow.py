@@ -135,7 +135,8 @@ class DegradationFlow(nn.Module):
         num_blocks, num_convs, growth: depth and width (paper: 16, 20, 24 -> 30,761,280 params).
         clamp: soft-clamp bound alpha of the log-scales.
         position: give every coupling subnet two more input channels, the position of each
-            coarse pixel inside its LR pixel's block (`block_position`; scale >= 4). The
+            coarse pixel inside its LR pixel's block (`block_position`; nothing at scale 2,
+            where an LR pixel is one coarse pixel). The
             coarse output must be constant on those blocks, and 3 x 3 convolutions alone can
             only find where they start from an image border: without this the flow learns
             the degradation near borders only (docs/large_images.md). Not in the paper.
@@ -160,12 +161,9 @@ class DegradationFlow(nn.Module):
         self.k = self.scale // 2
         self.channels = channels
         self.num_blocks, self.num_convs = num_blocks, num_convs
-        if position and self.k < 2:
-            raise ConfigError(
-                f"model.flow.position needs scale >= 4 (at scale {scale} an LR pixel is one "
-                f"coarse pixel: there is no position inside it)"
-            )
-        self.position = bool(position)
+        # At scale 2 an LR pixel is one coarse pixel: there is no position inside it, and
+        # `position` adds nothing (so one setting serves every scale).
+        self.position = bool(position) and self.k > 1
         extra = 2 if self.position else 0
         self.blocks = nn.ModuleList(
             CouplingBlock(channels, num_convs, growth, clamp, extra) for _ in range(num_blocks)
