@@ -136,10 +136,10 @@ class DegradationFlow(nn.Module):
         clamp: soft-clamp bound alpha of the log-scales.
         position: give every coupling subnet two more input channels, the position of each
             coarse pixel inside its LR pixel's block (`block_position`; nothing at scale 2,
-            where an LR pixel is one coarse pixel). The
-            coarse output must be constant on those blocks, and 3 x 3 convolutions alone can
-            only find where they start from an image border: without this the flow learns
-            the degradation near borders only (docs/large_images.md). Not in the paper.
+            where an LR pixel is one coarse pixel). The coarse output must be constant on
+            those blocks, and 3 x 3 convolutions alone can only find where they start from
+            an image border: without this the flow learns the degradation near borders only
+            (docs/method.md §8, docs/large_images.md). Not in the paper.
     """
 
     def __init__(
