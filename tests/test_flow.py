@@ -183,6 +183,8 @@ def test_block_position_marks_each_coarse_pixel_inside_its_lr_block():
     assert block_position(1, 6, 4, offset=(0, 1))[0, 1, 0].tolist() == pytest.approx(
         [-1 / 3, 1 / 3, 1, -1, -1 / 3, 1 / 3]
     )
+    with pytest.raises(ValueError, match="k >= 2"):  # k = 1 would divide by zero: NaNs
+        block_position(3, 4, 1)
 
 
 @torch.no_grad()

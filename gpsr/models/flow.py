@@ -38,7 +38,10 @@ def block_position(
     """Where each coarse pixel lies inside its LR pixel's k x k block: (1, 2, h, w), the row
     and the column index modulo k scaled to [-1, 1] (k = 2: -1 on even, +1 on odd rows and
     columns). `offset` (coarse pixels) is the position of pixel (0, 0) in the whole image, so
-    a crop or a tile gets the whole image's values; `like` gives dtype and device."""
+    a crop or a tile gets the whole image's values; `like` gives dtype and device. k >= 2
+    (at k = 1 there is no position inside an LR pixel)."""
+    if k < 2:
+        raise ConfigError(f"block_position needs blocks of k >= 2 coarse pixels, got k={k}")
     dev = None if like is None else like.device
     dt = torch.float32 if like is None else like.dtype
     rows = (torch.arange(h, device=dev) + offset[0]) % k
