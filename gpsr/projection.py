@@ -9,6 +9,8 @@ grows with the number of pixels. Images are float tensors (N, C, H, W) with LR
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +18,7 @@ from gpsr.banded import degradation_band, separable, separable_adjoint
 from gpsr.ops import degrade, gram_inverse, pseudoinverse
 from gpsr.utils.errors import ConfigError
 
-__all__ = ["project_consistent", "project_consistent_box"]
+__all__ = ["project_consistent", "project_consistent_box", "project_noise_ball"]
 
 
 def _check_shapes(x: torch.Tensor, y: torch.Tensor, scale: int, name: str) -> None:
@@ -217,6 +219,7 @@ def _newton_blocks(
     clamped_weight: float = 1e-3,
     direct_size: int = 256,
     direct_after: int = 4,
+    tau: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise each block's dual by semi-smooth Newton with Armijo backtracking.
 
@@ -233,23 +236,30 @@ def _newton_blocks(
     stalls, so a block whose line search had to backtrack gives its clamped pixels the small
     weight `clamped_weight` (clamped pixels can come back), shrinking tenfold after every
     full step, which keeps Newton's fast local convergence on well-behaved blocks.
-    Returns (lam, Newton steps taken (k,)).
+    With `tau` (k,) the dual has the Tikhonov term `-tau ||lam||^2 / 2` of the noise-ball
+    projection (`project_noise_ball`): its gradient is `r - tau lam` and `tau I` joins the
+    Newton matrix. Returns (lam, Newton steps taken (k,)).
     """
     n = lam.shape[0]
     ah2, aw2 = ah * ah, aw * aw
     ridge = 1e-10 * float((ah2.sum(-1).amax(1) * aw2.sum(-1).amax(1)).mean())
+    tau = None if tau is None else tau[:, None, None]
 
-    def state(a, w, bs, xs, ys, lam_i):
-        """z, residual r, dual objective q and consistency of the blocks with factors a, w,
-        base bs, sample xs and LR ys at lam_i."""
+    def state(a, w, bs, xs, ys, lam_i, t=None):
+        """z, dual gradient r (the residual, less t lam), dual objective q and consistency
+        of the blocks with factors a, w, base bs, sample xs, LR ys and Tikhonov weight t at
+        lam_i."""
         z = bs + a.transpose(1, 2) @ lam_i @ w
         xp = z.clamp(low, high)
         r = ys - a @ xp @ w.transpose(1, 2)
         q = _sum(0.5 * (xp - xs) ** 2 - (z - xs) * xp) + _sum(lam_i * ys)
+        if t is not None:
+            r = r - t * lam_i
+            q = q - 0.5 * _sum(t * lam_i * lam_i)
         g = torch.where(_outward(lam_i, r, bound), 0.0, r)
         return z, r, q, (g * g).mean((1, 2))
 
-    z, r, q, err = state(ah, aw, base, x, y, lam)
+    z, r, q, err = state(ah, aw, base, x, y, lam, tau)
     err0 = err.clamp(min=1e-300)
     iters = torch.zeros(n, dtype=torch.long)
     weight = torch.zeros(n, dtype=torch.float64)
@@ -260,23 +270,27 @@ def _newton_blocks(
         iters[live] += 1
         zl, rl, ql, lam_l = z[live], r[live], q[live], lam[live]
         al, wl, bl, xl, yl = ah[live], aw[live], base[live], x[live], y[live]
+        tl = None if tau is None else tau[live]
         free = ((zl >= low) & (zl <= high)).double()
         mask = free + (1.0 - free) * weight[live, None, None]
         # Projected Newton: multipliers held at the bound by the gradient stay there.
         held = _outward(lam_l, rl, bound).double()
         fh = 1.0 - held
 
-        def normal(v, idx, a=al, w=wl, m=mask, f=fh, h=held):
+        def normal(v, idx, a=al, w=wl, m=mask, f=fh, h=held, tk=tl):
             a, w, m, f, h = (_take(t, idx) for t in (a, w, m, f, h))
             u = a.transpose(1, 2) @ (f * v) @ w
-            return f * (a @ (m * u) @ w.transpose(1, 2) + ridge * v) + h * v
+            shift = ridge if tk is None else ridge + _take(tk, idx)
+            return f * (a @ (m * u) @ w.transpose(1, 2) + shift * v) + h * v
 
         # Inexact Newton: the systems are solved more accurately as the residual falls.
         rtol = (err[live] / err0[live]).sqrt().clamp(min=1e-12, max=0.1)
         if lam.shape[1] * lam.shape[2] <= direct_size and int(iters[live[0]]) > direct_after:
-            delta = _direct(al, wl, mask, held, ridge, fh * rl)
+            shift = ridge if tl is None else ridge + tl.reshape(-1, 1)
+            delta = _direct(al, wl, mask, held, shift, fh * rl)
         else:
-            diag = fh * (ah2[live] @ mask @ aw2[live].transpose(1, 2) + ridge) + held
+            shift = ridge if tl is None else ridge + tl
+            diag = fh * (ah2[live] @ mask @ aw2[live].transpose(1, 2) + shift) + held
             delta = _pcg(normal, diag, fh * rl, rtol, iters=200)
         # Armijo backtracking along the projection arc on the concave dual, whose gradient
         # is r: delta is an ascent direction, so a small enough step increases q.
@@ -290,7 +304,8 @@ def _newton_blocks(
             cand = (lam_t + _take(step, trying)[:, None, None] * _take(delta, trying)).clamp(
                 -bound, bound
             )
-            tz, tr, tq, te = state(*(_take(t, trying) for t in (al, wl, bl, xl, yl)), cand)
+            parts = (_take(t, trying) for t in (al, wl, bl, xl, yl))
+            tz, tr, tq, te = state(*parts, cand, None if tl is None else _take(tl, trying))
             ok = tq >= _take(ql, trying) + 1e-4 * _sum(_take(rl, trying) * (cand - lam_t))
             if trying is None and bool(ok.all()):  # every block takes the full step
                 lam_l, zn, rn, qn, en = cand, tz, tr, tq, te
@@ -361,19 +376,12 @@ def project_consistent_box(
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (x' (N, C, H, W) in [low, high],
     Newton steps per image (N,) long).
     """
-    _check_shapes(x, y, scale, "project_consistent_box")
-    if block < 3:  # one colour's blocks are one block apart; the bicubic reaches 1.5 LR pixels
-        raise ConfigError(
-            f"project_consistent_box: block={block} LR pixels; it must be at least 3, or blocks "
-            f"solved together would share HR pixels"
-        )
+    opt = _settings(
+        x, y, scale, "project_consistent_box", low, high, tol, max_iter, sweep_iter, block,
+        max_sweeps, chunk, patience, max_dual, whole, whole_iter,
+    )  # fmt: skip
     n, c, H, W = x.shape
-    h, w = H // scale, W // scale
-    x64 = x.reshape(n * c, H, W).to(torch.float64)
-    y64 = y.reshape(n * c, h, w).to(torch.float64)
-    op_h, op_w = degradation_band(H, scale), degradation_band(W, scale)
-    steps = torch.zeros(n * c, dtype=torch.long)
-    bound = max_dual * scale**2
+    x64, y64, op_h, op_w = _as_slices(x, y, scale)
     # Warm start: the multipliers of the projection without the box, lam = (D D^T)^-1 r, for
     # which z = x + D^+ r is exactly consistent (linear time, `gpsr.banded`). Where no pixel
     # leaves the box that is already the answer; elsewhere only the blocks around clamped
@@ -381,54 +389,253 @@ def project_consistent_box(
     # the clamped warm start is less consistent than x itself.
     r0 = y64 - separable(op_h, op_w, x64.clamp(low, high))
     lam = gram_inverse(r0, scale)
-    lam = lam.clamp(-bound, bound)
+    lam = lam.clamp(-opt.bound, opt.bound)
     z = x64 + separable_adjoint(op_h, op_w, lam)
     r1 = y64 - separable(op_h, op_w, z.clamp(low, high))
     worse = (r1 * r1).flatten(1).mean(1) > (r0 * r0).flatten(1).mean(1)
     lam[worse], z[worse] = 0.0, x64[worse]
-
-    # The residual y - D clamp(z) (r0 where z went back to x), from here on refreshed only on
-    # the LR pixels that the solved blocks reach, so a sweep costs in proportion to the
-    # blocks it visits.
     raw = torch.where(worse[:, None, None], r0, r1)
+    best_z, _, steps = _maximise_dual(x64, y64, scale, lam, z, raw, opt)
+    xp = best_z.clamp(low, high).to(x.dtype).reshape(x.shape)
+    return xp, steps.reshape(n, c).amax(1)
 
+
+def project_noise_ball(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: int,
+    sigma: float | torch.Tensor,
+    low: float = 0.0,
+    high: float = 1.0,
+    rtol: float = 1e-4,
+    max_outer: int = 40,
+    tol: float = 1e-13,
+    max_iter: int = 300,
+    sweep_iter: int = 30,
+    block: int = 16,
+    max_sweeps: int = 30,
+    chunk: int = 2**18,
+    patience: int = 3,
+    max_dual: float = 1000.0,
+    whole: int = 4096,
+    whole_iter: int = 6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closest image to x inside [low, high] that is consistent with a noisy y within its
+    noise: `||D_s(x') - y||^2 <= m sigma^2`, m = C h w the image's LR values (docs/method.md
+    §10, the discrepancy principle).
+
+    For a weight `1 / tau` on the residual, `min_{x' in box} ||x' - x||^2 / 2 +
+    ||D_s x' - y||^2 / (2 tau)` has the dual of the exact projection with the added term
+    `-tau ||lam||^2 / 2`, still separable over LR pixels, so the same block Newton ascent
+    maximises it (`_maximise_dual`). Its residual grows with tau, from the exact
+    projection's (tau = 0) to that of clamp(x) (tau -> inf): a safeguarded secant search on
+    log tau finds, per image, the tau whose residual is the ball's radius, to relative
+    `rtol` from inside (every returned image's `||D_s(x') - y||^2 / (m sigma^2)` is <= 1,
+    and >= 1 - rtol when the ball was active). That x' is the Euclidean projection onto
+    the intersection (the KKT conditions of the ball with multiplier 1 / tau). An image
+    whose clamp(x) already lies in the ball is returned as clamp(x) (the projection);
+    images with sigma = 0 get the exact projection (`project_consistent_box`); one whose
+    ball no image in the box reaches (unreachable LR pixels) gets its least residual found.
+    The other settings are those of `project_consistent_box`. Computed in float64.
+
+    x: (N, C, H, W), y: (N, C, H/s, W/s), same units; sigma: a number or (N,) >= 0 in those
+    units -> (x' (N, C, H, W) in [low, high], Newton steps per image (N,) long).
+    """
+    n, c, H, W = x.shape
+    sig = torch.as_tensor(sigma, dtype=torch.float64).flatten().cpu()
+    sig = sig.expand(n).clone() if sig.numel() == 1 else sig
+    if sig.shape != (n,) or not bool(torch.isfinite(sig).all()) or bool((sig < 0).any()):
+        raise ConfigError(
+            f"project_noise_ball: sigma must be one number or one per image (N={n}), finite "
+            f"and >= 0; got {sigma!r}"
+        )
+    # The residual must be known to a fraction of rtol: the blocks are solved until their
+    # gradient's mean square is below (rtol sigma / 4)^2 (or `tol`, if smaller).
+    finest = float(sig[sig > 0].min()) if bool((sig > 0).any()) else 1.0
+    opt = _settings(
+        x, y, scale, "project_noise_ball", low, high, min(tol, (rtol * finest / 4) ** 2),
+        max_iter, sweep_iter, block, max_sweeps, chunk, patience, max_dual, whole, whole_iter,
+    )  # fmt: skip
+    out = x.clamp(low, high)
+    steps = torch.zeros(n, dtype=torch.long)
+    exact = sig == 0
+    if bool(exact.any()):
+        kw = {"tol": tol, "max_iter": max_iter, "sweep_iter": sweep_iter, "block": block,
+              "max_sweeps": max_sweeps, "chunk": chunk, "patience": patience,
+              "max_dual": max_dual, "whole": whole, "whole_iter": whole_iter}  # fmt: skip
+        idx = exact.nonzero().flatten().to(x.device)
+        out[idx], steps[exact] = project_consistent_box(x[idx], y[idx], scale, low, high, **kw)
+    x64, y64, op_h, op_w = _as_slices(x, y, scale)
+    rho2 = sig.square() * (y[0].numel())  # the ball's squared radius per image
+    xb = x64.clamp(low, high)
+    raw = y64 - separable(op_h, op_w, xb)
+
+    def ratio_of(r: torch.Tensor) -> torch.Tensor:
+        return r.square().reshape(n, -1).sum(1).cpu() / rho2.clamp(min=1e-300)
+
+    active = ~exact & (ratio_of(raw) > 1)
+    if not bool(active.any()):
+        return out, steps
+    # Start where the residual is linear in tau (no clamping, tau small against the
+    # eigenvalues of D D^T): r(tau) = tau (D D^T)^-1 r0, so tau0 = radius / ||(D D^T)^-1 r0||.
+    lam = torch.zeros_like(y64)
+    z = x64.clone()
+    kr = gram_inverse(raw, scale).square().reshape(n, -1).sum(1).sqrt().cpu()
+    log_tau = torch.log(rho2.sqrt() / kr.clamp(min=1e-300))
+    log_lo = torch.full((n,), -float("inf"), dtype=torch.float64)  # largest tau inside
+    log_hi = torch.full((n,), float("inf"), dtype=torch.float64)  # smallest tau outside
+    prev = None  # (log tau, log ratio) of the previous evaluation
+    best_ratio = torch.full((n,), float("inf"), dtype=torch.float64)
+    target = math.log(1.0 - rtol / 2)
+    for _ in range(max_outer):
+        slices = active.repeat_interleave(c).to(x.device)
+        tau = log_tau.exp().repeat_interleave(c).to(x.device)
+        best_z, best_lam, st = _maximise_dual(x64, y64, scale, lam, z, raw, opt, tau, slices)
+        z[slices], lam[slices] = best_z[slices], best_lam[slices]
+        raw = y64 - separable(op_h, op_w, z.clamp(low, high))
+        steps += torch.where(active, st.reshape(n, c).amax(1), 0)
+        ratio = ratio_of(raw)
+        inside = active & (ratio <= 1)
+        # Keep each image's answer: its latest iterate inside the ball (the largest tau
+        # inside so far: the closest to the projection), else its least residual.
+        keep = inside | (active & ~(log_lo > -float("inf")) & (ratio < best_ratio))
+        best_ratio = torch.where(active & (ratio < best_ratio), ratio, best_ratio)
+        if bool(keep.any()):
+            idx = keep.nonzero().flatten().to(x.device)
+            out[idx] = z.reshape(n, c, H, W)[idx].clamp(low, high).to(x.dtype)
+        log_lo = torch.where(inside, log_tau, log_lo)
+        log_hi = torch.where(active & ~inside, log_tau, log_hi)
+        active &= ~(inside & (ratio >= 1 - rtol))
+        if not bool(active.any()):
+            break
+        # Safeguarded secant on f(log tau) = log ratio - target (slope 2 where the residual
+        # is linear in tau), kept inside the bracket (else its middle, or a step of e).
+        f = torch.log(ratio.clamp(min=1e-300)) - target
+        slope = torch.full((n,), 2.0, dtype=torch.float64)
+        if prev is not None:
+            dt, df = log_tau - prev[0], f - prev[1]
+            fit = (dt.abs() > 1e-12) & (df / dt.where(dt != 0, 1.0) > 0.05)
+            slope = torch.where(fit, df / dt.where(dt != 0, 1.0), slope)
+        prev = (log_tau.clone(), f)
+        step = log_tau - f / slope
+        bounded = torch.isfinite(log_lo) & torch.isfinite(log_hi)
+        fallback = torch.where(
+            bounded,
+            (log_lo + log_hi) / 2,
+            torch.where(torch.isfinite(log_hi), log_tau - 1.0, log_tau + 1.0),
+        )
+        ok = (step > log_lo) & (step < log_hi) & torch.isfinite(step)
+        log_tau = torch.where(active, torch.where(ok, step, fallback), log_tau)
+    return out, steps
+
+
+@dataclass(frozen=True)
+class _Solver:
+    """Settings of the block dual ascent (`project_consistent_box` says what each does)."""
+
+    low: float
+    high: float
+    tol: float
+    max_iter: int
+    sweep_iter: int
+    block: int
+    max_sweeps: int
+    chunk: int
+    patience: int
+    bound: float
+    whole: int
+    whole_iter: int
+
+
+def _settings(x, y, scale, name, low, high, tol, max_iter, sweep_iter, block, max_sweeps, chunk,
+              patience, max_dual, whole, whole_iter) -> _Solver:  # fmt: skip
+    """Check shapes and the block size; -> the solver settings (|lam| <= max_dual * s^2)."""
+    _check_shapes(x, y, scale, name)
+    if block < 3:  # one colour's blocks are one block apart; the bicubic reaches 1.5 LR pixels
+        raise ConfigError(
+            f"{name}: block={block} LR pixels; it must be at least 3, or blocks "
+            f"solved together would share HR pixels"
+        )
+    return _Solver(
+        low, high, tol, max_iter, sweep_iter, block, max_sweeps, chunk, patience,
+        max_dual * scale**2, whole, whole_iter,
+    )  # fmt: skip
+
+
+def _as_slices(x: torch.Tensor, y: torch.Tensor, scale: int):
+    """x (N, C, H, W), y (N, C, h, w) -> float64 slices (N*C, H, W), (N*C, h, w) and the
+    banded factors of the two sides."""
+    n, c, H, W = x.shape
+    x64 = x.reshape(n * c, H, W).to(torch.float64)
+    y64 = y.reshape(n * c, H // scale, W // scale).to(torch.float64)
+    return x64, y64, degradation_band(H, scale), degradation_band(W, scale)
+
+
+def _maximise_dual(
+    x64: torch.Tensor,
+    y64: torch.Tensor,
+    scale: int,
+    lam: torch.Tensor,
+    z: torch.Tensor,
+    raw: torch.Tensor,
+    opt: _Solver,
+    tau: torch.Tensor | None = None,
+    todo: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sweeps of block dual ascent (see `project_consistent_box`) from the multipliers
+    lam (S, h, w), z = x + D^T lam (S, H, W) and the residual raw = y - D clamp(z), all
+    float64 slices, updated in place. `tau` (S,): the Tikhonov weight of each slice's dual
+    (`project_noise_ball`; None: 0, the exact projection); `todo` (S,) bool: the slices to
+    work on (None: all). -> (each slice's best z, its lam, Newton steps (S,) long)."""
+    S, H, W = z.shape
+    h, w = H // scale, W // scale
+    low, high, tol, bound, block = opt.low, opt.high, opt.tol, opt.bound, opt.block
+    steps = torch.zeros(S, dtype=torch.long)
+    tau_s = None if tau is None else tau[:, None, None]
+
+    # `raw` is refreshed only on the LR pixels that the solved blocks reach, so a sweep
+    # costs in proportion to the blocks it visits.
     def residual() -> torch.Tensor:
-        """The projected gradient (n*c, h, w): the residual less the entries of multipliers
-        held at the bound."""
-        return torch.where(_outward(lam, raw, bound), 0.0, raw)
+        """The projected gradient (S, h, w): the residual (less tau lam), less the entries
+        of multipliers held at the bound."""
+        grad = raw if tau_s is None else raw - tau_s * lam
+        return torch.where(_outward(lam, grad, bound), 0.0, grad)
 
-    best_z, best_err = z.clone(), torch.full((n * c,), float("inf"), dtype=torch.float64)
-    stalled = torch.zeros(n * c, dtype=torch.long)
-    first_whole = h * w <= whole and max(h, w) > block  # (else blocks are whole anyway)
-    for sweep in range(max_sweeps + 1):
+    best_z, best_err = z.clone(), torch.full((S,), float("inf"), dtype=torch.float64)
+    best_lam = lam.clone()
+    stalled = torch.zeros(S, dtype=torch.long)
+    first_whole = h * w <= opt.whole and max(h, w) > block  # (else blocks are whole anyway)
+    for sweep in range(opt.max_sweeps + 1):
         r = residual()
         err = (r * r).flatten(1).mean(1)
         better = err < best_err
-        best_z[better], best_err[better] = z[better], err[better]
+        best_z[better], best_err[better], best_lam[better] = z[better], err[better], lam[better]
         stalled = torch.where(better, torch.zeros_like(stalled), stalled + 1)
-        busy = (err > tol) & (steps < max_iter) & (stalled < patience)
-        if sweep == max_sweeps or not bool(busy.any()):
+        busy = (err > tol) & (steps < opt.max_iter) & (stalled < opt.patience)
+        if todo is not None:
+            busy &= todo
+        if sweep == opt.max_sweeps or not bool(busy.any()):
             break
         if first_whole and sweep == 0:  # one block per (image, channel)
-            side, shift, per_sweep = max(h, w), 0, whole_iter
+            side, shift, per_sweep = max(h, w), 0, opt.whole_iter
         else:
             # Regions that stay hard are solved together in larger blocks (up to 512 HR
             # pixels); from one sweep to the next the grid moves by half a block.
             grid_sweep = sweep - 1 if first_whole else sweep  # sweeps in blocks so far
             side = max(block, min(block * 2 ** (grid_sweep // 2), 512 // scale))
-            shift, per_sweep = (side // 2 if grid_sweep % 2 else 0), sweep_iter
+            shift, per_sweep = (side // 2 if grid_sweep % 2 else 0), opt.sweep_iter
         rows, ah_all = _block_factors(H, scale, side, shift)
         cols, aw_all = _block_factors(W, scale, side, shift)
-        ah_all, aw_all = ah_all.to(x.device), aw_all.to(x.device)
+        ah_all, aw_all = ah_all.to(z.device), aw_all.to(z.device)
         reach = (
             _block_factors(H, scale, side, shift, True),
             _block_factors(W, scale, side, shift, True),
         )
-        taken = torch.zeros(n * c, dtype=torch.long)
+        taken = torch.zeros(S, dtype=torch.long)
         for colour in ((0, 0), (0, 1), (1, 0), (1, 1)):
             if colour != (0, 0):
                 r = residual()
-            todo = [
+            todo_blocks = [
                 (si, bi, bj)
                 for si in busy.nonzero().flatten().tolist()
                 for bi in range(colour[0], len(rows), 2)
@@ -436,10 +643,10 @@ def project_consistent_box(
                 if float(r[si, rows[bi][0] : rows[bi][1], cols[bj][0] : cols[bj][1]].pow(2).mean())
                 > tol / 4
             ]
-            per_chunk = max(1, chunk // (ah_all.shape[2] * aw_all.shape[2]))
-            for start in range(0, len(todo), per_chunk):
-                part = todo[start : start + per_chunk]
-                budget = (max_iter - steps[[p[0] for p in part]]).clamp(max=per_sweep)
+            per_chunk = max(1, opt.chunk // (ah_all.shape[2] * aw_all.shape[2]))
+            for start in range(0, len(todo_blocks), per_chunk):
+                part = todo_blocks[start : start + per_chunk]
+                budget = (opt.max_iter - steps[[p[0] for p in part]]).clamp(max=per_sweep)
                 its = _solve_blocks(
                     part,
                     rows,
@@ -452,22 +659,23 @@ def project_consistent_box(
                     lam,
                     (low, high, tol / 4, bound),
                     budget,
+                    tau,
                 )
                 for (si, _, _), k in zip(part, its.tolist()):
                     taken[si] = max(int(taken[si]), k)
-            for start in range(0, len(todo), per_chunk):
-                _refresh_residual(todo[start : start + per_chunk], reach, y64, z, raw, low, high)
+            for start in range(0, len(todo_blocks), per_chunk):
+                part = todo_blocks[start : start + per_chunk]
+                _refresh_residual(part, reach, y64, z, raw, low, high)
         steps += taken
-    xp = best_z.clamp(low, high).to(x.dtype).reshape(x.shape)
-    return xp, steps.reshape(n, c).amax(1)
+    return best_z, best_lam, steps
 
 
 def _solve_blocks(
-    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, settings, budget
+    part, rows, cols, ah_all, aw_all, x64, y64, z, lam, settings, budget, tau=None
 ) -> torch.Tensor:
     """Solve the blocks `part` [(slice, block row, block col)] within `budget` (k,) Newton
-    steps each, settings = (low, high, tol, bound) as in `_newton_blocks`; write lam and z
-    back; returns the steps taken (k,)."""
+    steps each, settings = (low, high, tol, bound) as in `_newton_blocks`, `tau` (S,) each
+    slice's Tikhonov weight or None; write lam and z back; returns the steps taken (k,)."""
     low, high, tol, bound = settings
     bi = torch.tensor([p[1] for p in part])
     bj = torch.tensor([p[2] for p in part])
@@ -486,7 +694,8 @@ def _solve_blocks(
         ys[j, : i1 - i0, : j1 - j0] = y64[si, i0:i1, j0:j1]
         ls[j, : i1 - i0, : j1 - j0] = lam[si, i0:i1, j0:j1]
     base = zs - ah.transpose(1, 2) @ ls @ aw
-    ls, its = _newton_blocks(ah, aw, xs, base, ys, ls, low, high, tol, budget, bound)
+    taus = None if tau is None else tau[[p[0] for p in part]]
+    ls, its = _newton_blocks(ah, aw, xs, base, ys, ls, low, high, tol, budget, bound, tau=taus)
     zs = base + ah.transpose(1, 2) @ ls @ aw
     for j, (si, r, c) in enumerate(part):
         i0, i1, p0, p1 = rows[r]

@@ -205,9 +205,9 @@ def _spy_block_solves(monkeypatch) -> list:
     calls = []
     solve = projection._solve_blocks
 
-    def spy(part, rows, cols, *args):
-        calls.append((list(part), rows, cols, args[-1].clone()))
-        return solve(part, rows, cols, *args)
+    def spy(part, rows, cols, ah_all, aw_all, x64, y64, z, lam, settings, budget, tau=None):
+        calls.append((list(part), rows, cols, budget.clone()))
+        return solve(part, rows, cols, ah_all, aw_all, x64, y64, z, lam, settings, budget, tau)
 
     monkeypatch.setattr(projection, "_solve_blocks", spy)
     return calls
