@@ -51,8 +51,9 @@ class SRMetricsCallback(Callback):
     """PSNR, SSIM and consistency (x1e-5) of every method a validation step returns.
 
     The module's `validation_step` returns {"hr", "lr", "sr": {method: image}}, all in
-    [0, 1]. One `SRMetrics` per method accumulates over the epoch; values are reduced across
-    DDP processes by torchmetrics and logged as `val/<method>/<metric>`.
+    [0, 1], and "lr_clean" when the data adds noise to the LR (then `consistency_clean` is
+    logged too). One `SRMetrics` per method accumulates over the epoch; values are reduced
+    across DDP processes by torchmetrics and logged as `val/<method>/<metric>`.
     """
 
     def __init__(self) -> None:
@@ -62,10 +63,12 @@ class SRMetricsCallback(Callback):
     def _update(self, pl_module, outputs: Any) -> None:
         if not isinstance(outputs, dict) or "sr" not in outputs:
             return
+        clean = outputs.get("lr_clean")
         for method, sr in outputs["sr"].items():
             if method not in self.metrics:
-                self.metrics[method] = SRMetrics(pl_module.hparams["scale"]).to(pl_module.device)
-            self.metrics[method].update(sr, outputs["hr"], outputs["lr"])
+                scale = pl_module.hparams["scale"]
+                self.metrics[method] = SRMetrics(scale, clean=clean is not None).to(sr.device)
+            self.metrics[method].update(sr, outputs["hr"], outputs["lr"], clean)
 
     def _log(self, pl_module, prefix: str) -> None:
         self.last = {}

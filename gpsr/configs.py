@@ -38,11 +38,12 @@ def signature_defaults(cls: type) -> dict[str, Any]:
 def _classes() -> dict[str, type]:
     """The classes with a schema, by schema name (imported on first use)."""
     from gpsr.data import GPSRDataModule
-    from gpsr.stages import FlowModule, LatentDiffusionModule
+    from gpsr.stages import FlowModule, LatentDiffusionModule, NoiseModule
 
     return {
         "flow_module": FlowModule,
         "ddpm_module": LatentDiffusionModule,
+        "noise_module": NoiseModule,
         "data_module": GPSRDataModule,
     }
 

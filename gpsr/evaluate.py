@@ -3,7 +3,9 @@
 Evaluates GPSR and the baselines that need no training (bicubic upsampling, the linear
 pseudoinverse of Remark 1, flow-only sampling) on the same images, and writes
 `metrics.json`, `metrics.md` and an image panel to the run folder. With `-m
-sampler.steps=1,2,4,7` each NFE count is one job; `gpsr.report` gathers them.
+sampler.steps=1,2,4,7` each NFE count is one job; `gpsr.report` gathers them. With
+`data.lr_noise` / `data.lr_quantize` every method is given the same noisy LR images, and
+`sampler.sigma_y` (with `noise_ckpt`) makes the sampler noise-aware (docs/method.md §10).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gpsr.diffusion import add_diagnostic, diagnostic_means
 from gpsr.metrics import SRMetrics
 from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
+from gpsr.report import results_table
 from gpsr.tiling import Tiling
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device, synchronize
@@ -48,28 +51,40 @@ __all__ = [
     "main",
 ]
 
-Method = Callable[[torch.Tensor, list[int]], torch.Tensor]
+Method = Callable[[torch.Tensor, list[int], torch.Tensor], torch.Tensor]
 
 
 def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]:
-    """name -> (fn(lr01 (N,C,h,w), indices) -> sr01 (N,C,H,W) or (N,K,C,H,W), NFE label)."""
+    """name -> (fn(lr01 (N,C,h,w), indices, sigma (N,)) -> sr01 (N,C,H,W) or (N,K,C,H,W),
+    NFE label). Every method gets the same (possibly noisy) LR; the sampled ones also the
+    noise level of each image (`GPSR.noise_level`); bicubic and the pseudoinverse use the LR
+    as given."""
     s, sampler = model.scale, cfg.sampler
     tiling = Tiling.from_config(sampler)
     methods: dict[str, tuple[Method, str]] = {}
     if "bicubic" in cfg.baselines:
-        methods["bicubic"] = (lambda lr, idx: ops.upsample_bicubic(lr, s).clamp(0, 1), "0")
+        methods["bicubic"] = (lambda lr, idx, sig: ops.upsample_bicubic(lr, s).clamp(0, 1), "0")
     if "pseudoinverse" in cfg.baselines:
-        methods["pseudoinverse"] = (lambda lr, idx: ops.pseudoinverse(lr, s).clamp(0, 1), "0")
+        methods["pseudoinverse"] = (
+            lambda lr, idx, sig: ops.pseudoinverse(lr, s).clamp(0, 1),
+            "0",
+        )
     if "flow" in cfg.baselines or model.unet is None or sampler.steps == 0:
         methods["flow"] = (
-            lambda lr, idx: model.super_resolve(
-                lr, steps=0, samples=sampler.samples, seed=cfg.seed, indices=idx, tiling=tiling
-            ),
+            lambda lr, idx, sig: model.super_resolve(
+                lr,
+                steps=0,
+                samples=sampler.samples,
+                seed=cfg.seed,
+                indices=idx,
+                tiling=tiling,
+                sigma_y=sig,
+            ),  # fmt: skip
             "0+1",
         )
     if model.unet is not None and sampler.steps > 0:
         methods["gpsr"] = (
-            lambda lr, idx: model.super_resolve(
+            lambda lr, idx, sig: model.super_resolve(
                 lr,
                 steps=sampler.steps,
                 eta=sampler.eta,
@@ -78,6 +93,7 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
                 indices=idx,
                 spacing=sampler.spacing,
                 tiling=tiling,
+                sigma_y=sig,
             ),
             f"{sampler.steps}+1",
         )
@@ -85,17 +101,9 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
 
 
 def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
-    """A Table 1-style Markdown table of per-method results."""
-    lines = [
-        "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) | s / image |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, m in methods.items():
-        lines.append(
-            f"| {name} | {m['nfe']} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
-            f"{m['consistency']:.4g} | {m['seconds_per_image']:.4f} |"
-        )
-    return "\n".join(lines) + "\n"
+    """A Table 1-style Markdown table of per-method results (`gpsr.report.results_table`);
+    with noisy LR images also the consistency with the clean LR and the discrepancy ratio."""
+    return results_table(list(methods.items()))
 
 
 def diagnostic_table(d: dict[str, Any]) -> str:
@@ -118,9 +126,18 @@ class EvalRun:
     metrics: dict[str, SRMetrics]
     seconds: dict[str, float]
     images: int = 0
+    sigmas: list[torch.Tensor] = field(default_factory=list)
     projection_iterations: list[torch.Tensor] = field(default_factory=list)
     panel: dict[str, torch.Tensor] | None = None
     diagnostic: dict[str, torch.Tensor] | None = None
+
+
+def noisy_evaluation(cfg: DictConfig) -> tuple[bool, bool]:
+    """(the data holds clean LR images beside noisy or rounded ones: `consistency_clean`;
+    the sampler is noise-aware: `discrepancy_ratio`)."""
+    data = cfg.data
+    clean = bool(data.get("lr_noise", 0) or data.get("lr_quantize", False))
+    return clean, cfg.sampler.get("sigma_y", 0) != 0
 
 
 def _projected_base(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> str | None:
@@ -138,15 +155,23 @@ def run_methods(
     device = model.device
     proj_base = _projected_base(methods, cfg)
     names = list(methods) + ([f"{proj_base}_projected"] if proj_base else [])
-    run = EvalRun({n: SRMetrics(model.scale).to(device) for n in names}, dict.fromkeys(names, 0.0))
+    clean, noisy = noisy_evaluation(cfg)
+    sigma_y = cfg.sampler.get("sigma_y", 0.0)
+    run = EvalRun(
+        {n: SRMetrics(model.scale, clean, noisy).to(device) for n in names},
+        dict.fromkeys(names, 0.0),
+    )
     limit = cfg.limit_batches
     for b, batch in enumerate(tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress)):
         if limit is not None and b >= limit:
             break
         hr = ops.to_unit(batch["hr"].to(device))
         lr = ops.to_unit(batch["lr"].to(device))
+        lr_clean = ops.to_unit(batch["lr_clean"].to(device)) if clean else None
         idx = batch["index"].tolist()
         run.images += hr.shape[0]
+        sigma = model.noise_level(lr, sigma_y)  # (N,), zeros for the paper's sampler
+        run.sigmas.append(sigma.cpu())
         if model.unet is not None and cfg.diagnostic_buckets > 0:
             part = model.diagnostic(batch["hr"].to(device), idx, cfg.seed, cfg.diagnostic_buckets)
             run.diagnostic = add_diagnostic(run.diagnostic, part)
@@ -154,19 +179,19 @@ def run_methods(
         for name, (fn, _) in methods.items():
             synchronize(device)
             t0 = time.perf_counter()
-            outputs[name] = fn(lr, idx)
+            outputs[name] = fn(lr, idx, sigma)
             synchronize(device)
             run.seconds[name] += time.perf_counter() - t0
         if proj_base:
             t0 = time.perf_counter()
-            proj, iters = model.project(outputs[proj_base], lr)
+            proj, iters = model.project(outputs[proj_base], lr, sigma)
             synchronize(device)
             run.seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
             run.projection_iterations.append(iters.flatten())
             outputs[f"{proj_base}_projected"] = proj
         for name, out in outputs.items():
             for sr in out.unbind(1) if out.dim() == 5 else [out]:
-                run.metrics[name].update(sr, hr, lr)
+                run.metrics[name].update(sr, hr, lr, lr_clean, sigma)
         if run.panel is None:
             last = next(reversed(outputs))
             firsts = {name: out[:, 0] if out.dim() == 5 else out for name, out in outputs.items()}
@@ -205,6 +230,7 @@ def summarise(
         "samples_per_image": cfg.sampler.samples,
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
         "seed": cfg.seed,
+        "noise": noise_summary(run, cfg),
         "prediction": model.diffusion.prediction if model.diffusion is not None else None,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "methods": results,
@@ -217,6 +243,24 @@ def summarise(
     return summary
 
 
+def noise_summary(run: EvalRun, cfg: DictConfig) -> dict[str, Any]:
+    """The LR noise of the evaluation and the noise levels the sampler used (for
+    sampler.sigma_y=auto, the estimates: mean, median, min, max over images)."""
+    sig = torch.cat(run.sigmas).double() if run.sigmas else torch.zeros(1, dtype=torch.float64)
+    return {
+        "lr_noise": float(cfg.data.get("lr_noise", 0.0)),
+        "lr_quantize": bool(cfg.data.get("lr_quantize", False)),
+        "noise_ckpt": cfg.get("noise_ckpt"),
+        "sigma_y": cfg.sampler.get("sigma_y", 0.0),
+        "sigma_used": {
+            "mean": sig.mean().item(),
+            "median": sig.median().item(),
+            "min": sig.min().item(),
+            "max": sig.max().item(),
+        },
+    }
+
+
 def write_artifacts(
     summary: dict[str, Any], panel: dict[str, torch.Tensor] | None, cfg: DictConfig, out: Path
 ) -> str:
@@ -227,18 +271,37 @@ def write_artifacts(
     projected = [m for m in summary["methods"].values() if "projection_iterations" in m]
     if projected:
         its = projected[0]["projection_iterations"]
+        target = (
+            "the images within the noise of the given LR (||D(x) - y||^2 <= m sigma^2) inside "
+            "[0, 1] (semi-smooth Newton, gpsr.projection.project_noise_ball)"
+            if summary["noise"]["sigma_y"] != 0
+            else "the consistent images inside [0, 1] (semi-smooth Newton, "
+            "gpsr.projection.project_consistent_box)"
+        )
         note = (
-            f"\nProjection onto the consistent images inside [0, 1] (semi-smooth Newton, "
-            f"gpsr.projection.project_consistent_box) took {its['mean']:.1f} iterations per "
+            f"\nProjection onto {target} took {its['mean']:.1f} iterations per "
             f"image on average (at most {its['max']}).\n"
         )
     if "loss_by_t" in summary:
         note += diagnostic_table(summary["loss_by_t"])
     columns = " | ".join(panel) if panel is not None else ""
+    noise = summary["noise"]
+    noise_line = ""
+    if noise["lr_noise"] or noise["lr_quantize"] or noise["sigma_y"] != 0:
+        used = noise["sigma_used"]
+        noise_line = (
+            f"LR noise: sigma {noise['lr_noise']:g}"
+            f"{', rounded to 8 bits' if noise['lr_quantize'] else ''}; sampler.sigma_y="
+            f"{noise['sigma_y']} (used: mean {used['mean']:.4g}, median {used['median']:.4g}, "
+            f"min {used['min']:.4g}, max {used['max']:.4g}). Consistency is against the LR "
+            f"each method was given; consistency clean against the noise-free LR; the "
+            f"discrepancy ratio is ||D(x) - y||^2 / (m sigma^2) with the sigma the sampler used "
+            f"(docs/method.md §10).\n\n"
+        )
     (out / "metrics.md").write_text(
         f"# Evaluation of `{cfg.ckpt}`\n\n{summary['images']} images ({cfg.split} split), "
         f"{cfg.sampler.samples} sample(s) each, eta={cfg.sampler.eta}, seed={cfg.seed}.\n\n"
-        f"{table}{note}\n`panel.png` columns: {columns}.\n"
+        f"{noise_line}{table}{note}\n`panel.png` columns: {columns}.\n"
     )
     if panel is not None:
         Image.fromarray(to_uint8_grid(panel, max_images=8)).save(out / "panel.png")
@@ -249,7 +312,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The Table 1 protocol over a whole split: build the methods, run them, summarise, write
     the artifacts; returns what `metrics.json` holds."""
     output_dir = check_output_dir(cfg.paths.output_dir)
-    model = GPSR.load(cfg.ckpt, device=pick_device(cfg.device), ema=cfg.ema)
+    model = GPSR.load(
+        cfg.ckpt, device=pick_device(cfg.device), ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt")
+    )
+    model.noise_level(torch.zeros(1, model.flow.channels, 1, 1), cfg.sampler.get("sigma_y", 0.0))
     with open_dict(cfg):
         if cfg.scale is None:
             cfg.scale = model.scale

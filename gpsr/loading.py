@@ -16,6 +16,7 @@ from torch import nn
 
 from gpsr.diffusion import GaussianDiffusion
 from gpsr.models.flow import DegradationFlow
+from gpsr.models.noise import LRNoiseModel
 from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
 from gpsr.utils.checkpoint import CheckpointError, check_gpsr_checkpoint, load_checkpoint
@@ -29,6 +30,7 @@ __all__ = [
     "build_flow",
     "build_latent_diffusion",
     "load_flow",
+    "load_noise_model",
 ]
 
 # 1: gpsr 0.1 (UNet attention qkv as (3, heads, d); ResBlock `out_norm`, `skip`).
@@ -109,6 +111,14 @@ def load_flow(path: str | Path, scale: int | None = None) -> tuple[DegradationFl
     """The trained flow of a flow-stage checkpoint: -> (flow in eval mode, its hparams)."""
     data = read_checkpoint(path, stage="flow", scale=scale)
     return build_flow(data, path), data.get("hyper_parameters", {})
+
+
+def load_noise_model(path: str | Path, scale: int | None = None) -> LRNoiseModel:
+    """The LR noise model (eval mode) of a `stage=noise` checkpoint trained at `scale`."""
+    data = read_checkpoint(path, stage="noise", scale=scale)
+    model = LRNoiseModel(**data.get("hyper_parameters", {}).get("noise", {}))
+    _load(model, sub_state(data["state_dict"], "noise."), path, "noise model")
+    return model.eval()
 
 
 def _unet_v1_to_v2(state: dict[str, torch.Tensor], prefix: str, heads: int) -> dict:

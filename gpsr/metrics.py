@@ -1,4 +1,6 @@
-"""Table 1 metrics as torchmetrics objects (docs/method.md §6): PSNR, SSIM, consistency.
+"""Table 1 metrics as torchmetrics objects (docs/method.md §6): PSNR, SSIM, consistency; and
+for noisy LR images (docs/method.md §10) the consistency with the clean LR and the
+discrepancy ratio.
 
 All take images in [0, 1]. Per-image values are averaged over images, and the states reduce
 across DDP processes (sums and counts, or gathered per-image values).
@@ -14,7 +16,16 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from gpsr import ops
 
-__all__ = ["CONSISTENCY_UNIT", "SSIM", "Consistency", "SRMetrics", "psnr_metric", "ssim_metric"]
+__all__ = [
+    "CONSISTENCY_UNIT",
+    "SSIM",
+    "Consistency",
+    "DiscrepancyRatio",
+    "SRMetrics",
+    "per_image_consistency",
+    "psnr_metric",
+    "ssim_metric",
+]
 
 CONSISTENCY_UNIT = 1e-5
 """Consistency is reported in units of 1e-5 MSE, as in Table 1."""
@@ -70,7 +81,38 @@ def ssim_metric() -> SSIM:
     return SSIM()
 
 
-class Consistency(Metric):
+class _PerImageMean(Metric):
+    """Mean and maximum of a per-image value over images (float64 sums, reduced across DDP
+    processes); subclasses say what the value is (`values`) and its unit."""
+
+    full_state_update = False
+    unit = 1.0
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("worst", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
+
+    def _add(self, per_image: torch.Tensor) -> None:
+        if per_image.numel() == 0:
+            return
+        self.total += per_image.sum()
+        self.count += per_image.numel()
+        self.worst = torch.maximum(self.worst, per_image.max())
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1) / self.unit
+
+    def compute_worst(self) -> torch.Tensor:
+        """The largest per-image value seen (in the metric's unit), reduced with max across
+        processes."""
+        with self.sync_context():
+            worst = self.worst.clone()
+        return worst / self.unit
+
+
+class Consistency(_PerImageMean):
     """Per-image `mean((D_s(SR) - LR)^2)` averaged over images, reported x 1e5.
 
     update(sr, lr): sr (N, C, H, W) in [0, 1], lr (N, C, H/s, W/s) in [0, 1] units (float,
@@ -78,29 +120,38 @@ class Consistency(Metric):
     """
 
     higher_is_better = False
-    full_state_update = False
+    unit = CONSISTENCY_UNIT
 
     def __init__(self, scale: int, **kwargs):
         super().__init__(**kwargs)
         self.scale = scale
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("worst", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
 
     def update(self, sr: torch.Tensor, lr: torch.Tensor) -> None:
-        per_image = per_image_consistency(sr, lr, self.scale)
-        self.total += per_image.sum()
-        self.count += per_image.numel()
-        self.worst = torch.maximum(self.worst, per_image.max())
+        self._add(per_image_consistency(sr, lr, self.scale))
 
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count.clamp(min=1) / CONSISTENCY_UNIT
 
-    def compute_worst(self) -> torch.Tensor:
-        """The largest per-image consistency seen (x 1e5), reduced with max across processes."""
-        with self.sync_context():
-            worst = self.worst.clone()
-        return worst / CONSISTENCY_UNIT
+class DiscrepancyRatio(_PerImageMean):
+    """Per-image `||D_s(SR) - y||^2 / (m sigma^2)` (m = C h w LR values; docs/method.md §10):
+    the residual left by a super-resolved image in units of the noise it was given. 1 is the
+    target of the discrepancy principle (the sample keeps the scene and leaves the noise);
+    near 0 it copied the noise. Images with sigma = 0 are left out (no ratio).
+
+    update(sr, y, sigma): sr (N, C, H, W) in [0, 1], y (N, C, H/s, W/s) the noisy LR it was
+    given, sigma (N,) the noise level the sampler used, [0, 1] pixel units. compute() ->
+    mean ratio (a plain number), compute_worst() -> the largest.
+    """
+
+    higher_is_better = False
+
+    def __init__(self, scale: int, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def update(self, sr: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> None:
+        sig = sigma.to(device=sr.device, dtype=torch.float64).flatten()
+        keep = sig > 0
+        ratio = per_image_consistency(sr[keep], y[keep], self.scale) / sig[keep].square()
+        self._add(ratio)
 
 
 def per_image_consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> torch.Tensor:
@@ -109,26 +160,54 @@ def per_image_consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> tor
 
 
 class SRMetrics(nn.Module):
-    """PSNR, SSIM and consistency of one method, updated together.
+    """PSNR, SSIM and consistency of one method, updated together; with `clean`, the
+    consistency with the clean LR image, and with `discrepancy`, the discrepancy ratio
+    (noisy LR images, docs/method.md §10).
 
-    update(sr, hr, lr): sr, hr (N, C, H, W) in [0, 1]; lr (N, C, H/s, W/s) in [0, 1] units.
-    compute() -> {"psnr", "ssim", "consistency"} as floats (consistency x 1e5).
+    update(sr, hr, lr, lr_clean=None, sigma=None): sr, hr (N, C, H, W) in [0, 1]; lr (N, C,
+    H/s, W/s) in [0, 1] units, the LR the method was given; lr_clean the noise-free one
+    (with `clean`); sigma (N,) the noise level the sampler used (with `discrepancy`).
+    compute() -> {"psnr", "ssim", "consistency"[, "consistency_clean"][,
+    "discrepancy_ratio"]} as floats (consistencies x 1e5).
     """
 
-    def __init__(self, scale: int):
+    def __init__(self, scale: int, clean: bool = False, discrepancy: bool = False):
         super().__init__()
         self.psnr = psnr_metric()
         self.ssim = ssim_metric()
         self.consistency = Consistency(scale)
+        self.consistency_clean = Consistency(scale) if clean else None
+        self.discrepancy_ratio = DiscrepancyRatio(scale) if discrepancy else None
 
-    def update(self, sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> None:
+    def update(
+        self,
+        sr: torch.Tensor,
+        hr: torch.Tensor,
+        lr: torch.Tensor,
+        lr_clean: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
+    ) -> None:
         sr, hr = sr.float(), hr.float()
         self.psnr.update(sr, hr)
         self.ssim.update(sr, hr)
         self.consistency.update(sr, lr)
+        if self.consistency_clean is not None:
+            if lr_clean is None:
+                raise ValueError("SRMetrics(clean=True).update needs lr_clean")
+            self.consistency_clean.update(sr, lr_clean)
+        if self.discrepancy_ratio is not None:
+            if sigma is None:
+                raise ValueError("SRMetrics(discrepancy=True).update needs sigma")
+            self.discrepancy_ratio.update(sr, lr, sigma)
+
+    def _extras(self) -> list[tuple[str, _PerImageMean]]:
+        pairs = [("consistency_clean", self.consistency_clean)]
+        pairs.append(("discrepancy_ratio", self.discrepancy_ratio))
+        return [(name, m) for name, m in pairs if m is not None]
 
     def compute(self, worst: bool = False) -> dict[str, float]:
-        """Means over images; with `worst`, also the largest per-image consistency."""
+        """Means over images; with `worst`, also the largest per-image value of each
+        consistency and ratio (`<name>_max`)."""
         out = {
             "psnr": float(self.psnr.compute()),
             "ssim": float(self.ssim.compute()),
@@ -136,8 +215,12 @@ class SRMetrics(nn.Module):
         }
         if worst:
             out["consistency_max"] = float(self.consistency.compute_worst())
+        for name, metric in self._extras():
+            out[name] = float(metric.compute())
+            if worst:
+                out[f"{name}_max"] = float(metric.compute_worst())
         return out
 
     def reset(self) -> None:
-        for m in (self.psnr, self.ssim, self.consistency):
+        for m in (self.psnr, self.ssim, self.consistency, *(m for _, m in self._extras())):
             m.reset()

@@ -36,10 +36,16 @@ __all__ = [
     "upsample_nearest",
     "downsample_average",
     "upsample_bicubic",
+    "noisy_measurement",
+    "quantize_8bit",
+    "QUANT_NOISE_STD",
 ]
 
 QUANT_STEP = 2.0 / 255.0
 """Width of one 8-bit level in the [-1, 1] range."""
+
+QUANT_NOISE_STD = 1.0 / (255.0 * math.sqrt(12.0))
+"""Standard deviation of 8-bit rounding error in [0, 1] units (uniform over one level)."""
 
 
 def to_signed(x01: torch.Tensor) -> torch.Tensor:
@@ -193,3 +199,35 @@ def downsample_average(c: torch.Tensor, k: int) -> torch.Tensor:
 def upsample_bicubic(y: torch.Tensor, scale: int) -> torch.Tensor:
     """Plain bicubic upsampling (the Table 1 baseline): (N, C, h, w) -> (N, C, s*h, s*w)."""
     return F.interpolate(y, scale_factor=scale, mode="bicubic", align_corners=False)
+
+
+def quantize_8bit(y01: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels, as saving a PNG does: any shape in [0, 1] -> `round(255 y) / 255`
+    (values outside [0, 1] are clamped first)."""
+    return (y01.clamp(0, 1) * 255.0).round() / 255.0
+
+
+def noisy_measurement(
+    y01: torch.Tensor,
+    sigma: float | torch.Tensor,
+    noise: torch.Tensor | None = None,
+    quantize: bool = False,
+) -> torch.Tensor:
+    """A noisy LR measurement (docs/method.md §10): `clamp(y + sigma * noise, 0, 1)`, rounded to
+    8-bit levels with `quantize`, as a camera and a saved PNG make it.
+
+    y01: (N, C, h, w) clean LR in [0, 1] units (float, may overshoot [0, 1] slightly);
+    sigma: a number or (N,) per image, in [0, 1] pixel units; noise: standard normal like y01
+    (required when any sigma > 0). With sigma = 0 and no quantization y01 is returned as it
+    is (not clamped): the noise-free protocol is unchanged. -> (N, C, h, w) in [0, 1].
+    """
+    sig = torch.as_tensor(sigma, dtype=y01.dtype, device=y01.device)
+    if not bool((sig > 0).any()) and not quantize:
+        return y01
+    out = y01
+    if bool((sig > 0).any()):
+        if noise is None:
+            raise ConfigError("noisy_measurement with sigma > 0 needs standard normal noise")
+        out = y01 + sig.reshape(-1, *[1] * (y01.dim() - 1)) * noise.to(y01)
+    out = out.clamp(0, 1)
+    return quantize_8bit(out) if quantize else out

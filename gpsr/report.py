@@ -20,7 +20,14 @@ from gpsr.utils.errors import InputNotFoundError
 
 log = logging.getLogger("gpsr.report")
 
-__all__ = ["collect", "write_report", "SweepReportCallback", "benchmark_markdown", "main"]
+__all__ = [
+    "collect",
+    "results_table",
+    "write_report",
+    "SweepReportCallback",
+    "benchmark_markdown",
+    "main",
+]
 
 
 BASELINE_STYLE = {
@@ -31,7 +38,8 @@ BASELINE_STYLE = {
 
 
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per (job, method): steps, NFE label, PSNR, SSIM, consistency, seconds/image."""
+    """One row per (job, method): steps, NFE label, PSNR, SSIM, consistency, seconds/image,
+    and for noisy LR images consistency_clean and the discrepancy ratio (None otherwise)."""
     rows = []
     for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
         data = json.loads(path.read_text())
@@ -49,11 +57,38 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                     "psnr": m["psnr"],
                     "ssim": m["ssim"],
                     "consistency": m["consistency"],
+                    "consistency_clean": m.get("consistency_clean"),
+                    "discrepancy_ratio": m.get("discrepancy_ratio"),
+                    "discrepancy_ratio_max": m.get("discrepancy_ratio_max"),
                     "seconds_per_image": m["seconds_per_image"],
                     "projection_iterations": m.get("projection_iterations"),
                 }
             )
     return rows
+
+
+def results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """The Table 1-style Markdown table of (method, results) rows, as `gpsr.evaluate` writes
+    them (nfe, psnr, ssim, consistency, seconds_per_image); with noisy LR images also the
+    consistency with the clean LR and the discrepancy ratio (mean / max over images), when
+    any row has them (absent or None: an empty cell)."""
+    has = lambda key: any(m.get(key) is not None for _, m in rows)  # noqa: E731
+    clean, ratio = has("consistency_clean"), has("discrepancy_ratio")
+    head = "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) |"
+    head += " Consistency clean (x1e-5) |" * clean + " Discrepancy ratio mean / max |" * ratio
+    lines = [head + " s / image |", "|---" * (6 + clean + ratio) + "|"]
+    for name, m in rows:
+        row = (
+            f"| {name} | {m['nfe']} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['consistency']:.4g} |"
+        )
+        if clean:
+            cc = m.get("consistency_clean")
+            row += f" {cc:.4g} |" if cc is not None else " |"
+        if ratio:
+            dr = m.get("discrepancy_ratio")
+            row += f" {dr:.3g} / {m['discrepancy_ratio_max']:.3g} |" if dr is not None else " |"
+        lines.append(row + f" {m['seconds_per_image']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(sweep_dir: str | Path) -> Path:
@@ -72,17 +107,9 @@ def write_report(sweep_dir: str | Path) -> Path:
     )
     # Training-free baselines do not depend on the step count: report them once.
     fixed = {r["method"]: r for r in rows if not r["method"].startswith("gpsr")}
-    lines = [
-        "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) | s / image |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in list(fixed.values()) + sampled:
-        lines.append(
-            f"| {r['method']} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-            f"{r['consistency']:.4g} | {r['seconds_per_image']:.4f} |"
-        )
+    lines = [results_table([(r["method"], r) for r in list(fixed.values()) + sampled])]
     md = sweep_dir / "report.md"
-    md.write_text("# NFE sweep\n\n" + "\n".join(lines) + "\n\n![trade-off](report.png)\n")
+    md.write_text("# NFE sweep\n\n" + "".join(lines) + "\n![trade-off](report.png)\n")
     (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2))
     _plot(sampled, fixed, sweep_dir / "report.png")
     log.info("report written to %s", md)

@@ -3,6 +3,8 @@
 Writes `<name>_sr.png` (or `<name>_sr{k}.png` for `sampler.samples=K` plus `<name>_std.png`,
 the per-pixel standard deviation over samples), optionally float32 `.npy`
 (`save_float=true`), and prints each image's sampling and projection time and consistency.
+With `sampler.sigma_y=<std>|auto` (and `noise_ckpt`) noisy images are super-resolved
+within their noise (docs/method.md §10); `auto` prints the noise level it estimated.
 Every output name is planned before the model loads: an existing file is never replaced
 unless `overwrite=true`, two inputs never write the same file (`cat.png` and `cat.jpg` give
 `cat_png_sr.png` and `cat_jpg_sr.png`), and no output is ever an input. A bad file gets one
@@ -110,6 +112,14 @@ def check_settings(cfg: DictConfig) -> Tiling:
 
     integer("steps", 0)
     integer("samples", 1)
+    sigma_y = sampler.get("sigma_y", 0.0)
+    if sigma_y != "auto" and (
+        isinstance(sigma_y, bool) or not isinstance(sigma_y, (int, float)) or sigma_y < 0
+    ):
+        raise ConfigError(
+            f"sampler.sigma_y must be the LR noise std >= 0 in [0, 1] pixel units or 'auto', "
+            f"got {sigma_y!r}"
+        )
     eta = sampler.get("eta")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
         raise ConfigError(f"sampler.eta must be a number >= 0, got {eta!r}")
@@ -132,7 +142,9 @@ def sample_images(cfg: DictConfig) -> int:
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)
     device = pick_device(cfg.device)
-    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema)
+    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
+    sigma_y = cfg.sampler.get("sigma_y", 0.0)
+    model.noise_level(torch.zeros(1, model.flow.channels, 1, 1), sigma_y)  # fail early
     steps = cfg.sampler.steps
     if model.unet is None and steps > 0:
         log.warning(
@@ -180,6 +192,11 @@ def process_one(
     lr = (img.float() / 255.0)[None].to(model.device)
     sampler = cfg.sampler
     t0 = time.perf_counter()
+    sigma_y = sampler.get("sigma_y", 0.0)
+    sigma = model.noise_level(lr, sigma_y)
+    noisy = bool((sigma > 0).any())
+    if sigma_y == "auto":
+        print(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}", flush=True)
     sr = model.super_resolve(
         lr,
         steps=steps,
@@ -189,23 +206,30 @@ def process_one(
         indices=[0],
         spacing=sampler.spacing,
         tiling=tiling,
+        sigma_y=sigma,
     )
     stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
     reps = lr.expand(stack.shape[1], -1, -1, -1)
     timing = f"sampled in {time.perf_counter() - t0:.3g} s"
-    raw = per_image_consistency(stack[0], reps, model.scale).mean().item() / CONSISTENCY_UNIT
-    consistency = f"consistency x1e-5: sample {raw:.4g}"
+
+    def agreement(x: torch.Tensor) -> str:
+        """Consistency x1e-5, or with noise the discrepancy ratio ||D(x) - y||^2/(m sigma^2)."""
+        mse = per_image_consistency(x, reps, model.scale).mean().item()
+        if noisy:
+            return f"{mse / float(sigma[0]) ** 2:.3g}"
+        return f"{mse / CONSISTENCY_UNIT:.4g}"
+
+    what = "discrepancy ratio (1 = within the noise)" if noisy else "consistency x1e-5"
+    consistency = f"{what}: sample {agreement(stack[0])}"
     if sampler.project:
         t0 = time.perf_counter()
-        stack, _ = model.project(stack, lr)
+        stack, _ = model.project(stack, lr, sigma)
         timing += f", projected in {time.perf_counter() - t0:.3g} s"
-        cons = per_image_consistency(stack[0], reps, model.scale).mean().item()
-        consistency += f", projected {cons / CONSISTENCY_UNIT:.4g}"
+        consistency += f", projected {agreement(stack[0])}"
     write_outputs(stack[0], outs, cfg.save_float)
-    cons8 = per_image_consistency((stack[0] * 255).round() / 255, reps, model.scale)
     print(
         f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
-        f"{timing}, {consistency}, 8-bit PNG {cons8.mean().item() / CONSISTENCY_UNIT:.4g}",
+        f"{timing}, {consistency}, 8-bit PNG {agreement((stack[0] * 255).round() / 255)}",
         flush=True,
     )
 
@@ -235,6 +259,21 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(1)
 
 
+def refuse_data_settings(argv: list[str]) -> None:
+    """gpsr.sample takes LR images as given: refuse `data.*` settings (e.g. data.lr_noise,
+    which adds noise where gpsr makes the LR) in one line, pointing to sampler.sigma_y."""
+    for arg in argv:
+        if arg.lstrip("+~").startswith("data."):
+            print(
+                f"gpsr: error: {arg}: gpsr.sample super-resolves LR images as given and has no "
+                f"data settings (data.lr_noise adds noise where gpsr makes the LR: training and "
+                f"gpsr.evaluate); for noisy images set sampler.sigma_y=<noise std>|auto",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+
+
 if __name__ == "__main__":
     preflight(sys.argv[1:])
+    refuse_data_settings(sys.argv[1:])
     main()

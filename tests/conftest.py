@@ -32,3 +32,13 @@ def ddpm_ckpt(tmp_path_factory, flow_ckpt) -> Path:
         compose_cfg(["stage=ddpm", f"flow_ckpt={flow_ckpt}", "logger=csv", *FAST], output_dir=out)
     )
     return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def noise_ckpt(tmp_path_factory) -> Path:
+    """A `stage=noise` checkpoint (the LR noise model) at scale 8, a few steps on demo crops."""
+    from gpsr.train import train
+
+    out = tmp_path_factory.mktemp("noise_run")
+    train(compose_cfg(["stage=noise", "logger=csv", *FAST], output_dir=out))
+    return out / "checkpoints" / "last.ckpt"

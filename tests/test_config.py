@@ -25,6 +25,7 @@ GROUPS = [
     "model/flow",
     "model/unet",
     "model/diffusion",
+    "model/noise",
     "sampler",
     "trainer",
     "logger",
@@ -84,7 +85,16 @@ PAPER_FLOW_PARAMETERS, PAPER_UNET_PARAMETERS = 30_761_280, 79_367_049
 
 @pytest.mark.parametrize(
     "group",
-    ["model/flow", "model/unet", "model/diffusion", "sampler", "callbacks", "experiment", "debug"],
+    [
+        "model/flow",
+        "model/unet",
+        "model/diffusion",
+        "model/noise",
+        "sampler",
+        "callbacks",
+        "experiment",
+        "debug",
+    ],
 )
 def test_remaining_groups_build_what_they_describe(tmp_path, group):
     """Each option composes, resolves, and builds what it says: a flow that inverts (the
@@ -95,6 +105,7 @@ def test_remaining_groups_build_what_they_describe(tmp_path, group):
     from gpsr.callbacks import FinalCheckpoint
     from gpsr.diffusion import GaussianDiffusion, linear_betas
     from gpsr.models.flow import DegradationFlow
+    from gpsr.models.noise import LRNoiseModel
 
     for option in _options(group):
         cfg = compose_cfg([f"{group}={option}"], output_dir=tmp_path)
@@ -125,8 +136,14 @@ def test_remaining_groups_build_what_they_describe(tmp_path, group):
             assert d.prediction == "eps" and d.num_timesteps == 1000
             assert torch.allclose(d.betas, linear_betas(1000))
             assert float(d.betas[0]) == pytest.approx(1e-4) and float(d.betas[-1]) == 0.02
+        elif group == "model/noise":
+            model = LRNoiseModel(**cfg.model.noise)
+            y = torch.rand(2, 3, 8, 8)
+            assert torch.equal(model.denoise(y, torch.zeros(2)), y)
+            assert model.estimate(y).shape == (2,) and model.sigma_max == cfg.model.noise.sigma_max
         elif group == "sampler":
             assert (cfg.sampler.steps, cfg.sampler.eta, cfg.sampler.spacing) == (7, 1.0, "linspace")
+            assert cfg.sampler.sigma_y == 0  # the paper's noise-free sampler
             assert cfg.stage.module.get("val_steps") in (None, 7)
         elif group == "callbacks":
             built = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
@@ -207,6 +224,7 @@ def test_each_setting_default_is_stated_once():
     files = {
         "flow_module": ("stage/flow.yaml", "module"),
         "ddpm_module": ("stage/ddpm.yaml", "module"),
+        "noise_module": ("stage/noise.yaml", "module"),
         "data_module": ("data/demo.yaml", None),
         "data_module ": ("data/folder.yaml", None),
     }

@@ -403,6 +403,8 @@ def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
         ("spacing", "log", "sampler.spacing must be one of linspace, trailing"),
         ("tile_overlap", -1, "sampler.tile_overlap must be 0 or more"),
         ("tile_final_overlap", "half", "sampler.tile_final_overlap must be 0 or more"),
+        ("sigma_y", -2, "sampler.sigma_y must be the LR noise std >= 0"),
+        ("sigma_y", "guess", "sampler.sigma_y must be the LR noise std >= 0"),
     ],
 )
 def test_sample_checks_its_settings_by_name_before_loading(tmp_path, setting, value, message):

@@ -3,6 +3,10 @@
 Every batch is a dict:
 - "hr": (N, 3, S, S) float32 in [-1, 1] on 8-bit levels (randomly flipped in training);
 - "lr": (N, 3, S/s, S/s) float32 = `gpsr.ops.degrade(hr, s)`, never clamped or rounded;
+  with `lr_noise` / `lr_quantize` the noisy measurement instead
+  (`gpsr.ops.noisy_measurement`: Gaussian noise seeded by the image's index, clamped to the
+  pixel range, optionally rounded to 8 bits);
+- "lr_clean": (N, 3, S/s, S/s), the noise-free `degrade(hr, s)`, only with noise or rounding;
 - "index": (N,) long, the image's index within its split.
 Dequantization is not applied here: the training steps call `gpsr.ops.dequantize`.
 """
@@ -32,6 +36,7 @@ from gpsr.data.images import (
     read_header,
     too_small_message,
 )
+from gpsr.diffusion.noise import measurement_noise
 from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,10 @@ class ImageDataset(Dataset):
         skip_corrupt: replace an undecodable file by the next good one, with a warning.
         crop: how a file or a decoded image larger than S becomes S x S
             (`gpsr.data.images.crop_square`: "resize", "random" or "center").
+        lr_noise: std of Gaussian noise added to the LR image, in [0, 1] pixel units, drawn
+            from (noise_seed, index) so it does not depend on batching; 0 = none.
+        lr_quantize: round the (noisy) LR image to 8-bit levels.
+        noise_seed: seed of the LR noise.
     """
 
     def __init__(
@@ -98,11 +107,15 @@ class ImageDataset(Dataset):
         flip: bool = False,
         skip_corrupt: bool = False,
         crop: str = "resize",
+        lr_noise: float = 0.0,
+        lr_quantize: bool = False,
+        noise_seed: int = 0,
     ):
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         self.items = items
         self.size, self.scale, self.flip, self.skip_corrupt = size, scale, flip, skip_corrupt
         self.crop = crop
+        self.lr_noise, self.lr_quantize, self.noise_seed = lr_noise, lr_quantize, noise_seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -126,8 +139,12 @@ class ImageDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             img = img.flip(-1)
         hr = img.float() / 127.5 - 1.0  # 8-bit levels to [-1, 1]
-        lr = ops.degrade(hr[None], self.scale)[0]
-        return {"hr": hr, "lr": lr, "index": index}
+        lr = ops.degrade(hr[None], self.scale)
+        if not (self.lr_noise > 0 or self.lr_quantize):
+            return {"hr": hr, "lr": lr[0], "index": index}
+        noise = measurement_noise(lr.shape[1:], [index], self.noise_seed) if self.lr_noise else None
+        noisy = ops.noisy_measurement(ops.to_unit(lr), self.lr_noise, noise, self.lr_quantize)
+        return {"hr": hr, "lr": ops.to_signed(noisy)[0], "lr_clean": lr[0], "index": index}
 
 
 class GPSRDataModule(L.LightningDataModule):
@@ -153,6 +170,12 @@ class GPSRDataModule(L.LightningDataModule):
         demo_val, demo_test: held-out demo tiles for validation and testing (they share no
             pixel with any training region).
         demo_zoom: demo photos are reduced to a shorter side of demo_zoom x size.
+        lr_noise: std of Gaussian noise on every LR image, in [0, 1] pixel units (seeded by
+            `seed` and the image's index: every method and run sees the same noisy LR), then
+            clamped to [0, 1]; batches then also hold "lr_clean". 0 (default): the paper's
+            noise-free LR. Training steps use the HR images only, so this changes what
+            validation and evaluation are given (docs/method.md §10).
+        lr_quantize: round the LR images to 8 bits (what a saved PNG does), after the noise.
     """
 
     def __init__(
@@ -179,9 +202,21 @@ class GPSRDataModule(L.LightningDataModule):
         demo_val: int = 8,
         demo_test: int = 16,
         demo_zoom: float = 4.0,
+        lr_noise: float = 0.0,
+        lr_quantize: bool = False,
         seed: int = 0,
     ):
         super().__init__()
+        if (
+            isinstance(lr_noise, bool)
+            or not isinstance(lr_noise, (int, float))
+            or not (0 <= lr_noise <= 1)
+        ):
+            raise ConfigError(
+                f"data.lr_noise must be a noise std in [0, 1] pixel units, got {lr_noise!r}"
+            )
+        if not isinstance(lr_quantize, bool):
+            raise ConfigError(f"data.lr_quantize must be true or false, got {lr_quantize!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
@@ -210,6 +245,7 @@ class GPSRDataModule(L.LightningDataModule):
         self.skip_corrupt, self.skip_small = skip_corrupt, skip_small
         self.demo_count, self.demo_val, self.demo_test = demo_count, demo_val, demo_test
         self.demo_zoom, self.seed = demo_zoom, seed
+        self.lr_noise, self.lr_quantize = float(lr_noise), lr_quantize
         self.items: dict[str, Sequence[Path] | torch.Tensor] = {}
         self.train_patches: RandomPatches | None = None
 
@@ -310,7 +346,15 @@ class GPSRDataModule(L.LightningDataModule):
             raise ConfigError(f"the {split} split is empty: {hint}")
         crop = self.crop if self.crop == "resize" or split == "train" and flip else "center"
         return ImageDataset(
-            items, self.size, self.scale, flip=flip, skip_corrupt=self.skip_corrupt, crop=crop
+            items,
+            self.size,
+            self.scale,
+            flip=flip,
+            skip_corrupt=self.skip_corrupt,
+            crop=crop,
+            lr_noise=self.lr_noise,
+            lr_quantize=self.lr_quantize,
+            noise_seed=self.seed,
         )
 
     # ------------------------------------------------------------------ loaders

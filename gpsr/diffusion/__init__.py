@@ -12,7 +12,7 @@ from gpsr.diffusion.gaussian import (
     make_betas,
     sampling_timesteps,
 )
-from gpsr.diffusion.noise import IndexNoise, seeded_normal
+from gpsr.diffusion.noise import IndexNoise, measurement_noise, seeded_normal
 
 __all__ = [
     "PREDICTIONS",
@@ -26,6 +26,7 @@ __all__ = [
     "diagnostic_timesteps",
     "linear_betas",
     "make_betas",
+    "measurement_noise",
     "sampling_timesteps",
     "seeded_normal",
 ]

@@ -6,7 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["seeded_normal", "IndexNoise"]
+__all__ = ["seeded_normal", "IndexNoise", "measurement_noise"]
+
+# The measurement noise of `data.lr_noise` draws from its own stream, far from the seeds of
+# the sampler's noise (`IndexNoise`), so the two never share a draw.
+MEASUREMENT_STREAM = 2**32
 
 
 def seeded_normal(
@@ -38,3 +42,11 @@ class IndexNoise:
     def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
         self.calls += 1
         return seeded_normal(shape[1:], self.indices, self.seed * 7919 + self.calls, self.device)
+
+
+def measurement_noise(
+    shape: Sequence[int], indices: Sequence[int], seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Standard normal LR measurement noise (N, *shape) for `data.lr_noise`: row i depends
+    only on (seed, indices[i]), so every method, batch size and run sees the same noisy LR."""
+    return seeded_normal(shape, indices, MEASUREMENT_STREAM + int(seed), device)

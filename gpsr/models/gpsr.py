@@ -19,8 +19,9 @@ from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, IndexNoise, diagnostic_timesteps
 from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.flow import DegradationFlow
+from gpsr.models.noise import LRNoiseModel
 from gpsr.models.stats import LatentStats
-from gpsr.projection import project_consistent_box
+from gpsr.projection import project_consistent_box, project_noise_ball
 from gpsr.tiling import TiledDenoiser, Tiling
 from gpsr.utils.device import available_memory
 from gpsr.utils.errors import ConfigError, TooLargeError
@@ -32,9 +33,10 @@ class GPSR(nn.Module):
     """A generative pseudoinverse: `super_resolve(lr)` gives consistent SR samples.
 
     Build with `GPSR.load(ckpt)` from a DDPM-stage checkpoint (the flow is inside it), or from
-    a flow-stage checkpoint for flow-only sampling (`steps=0`). The DDPM stage holds one as a
-    view of its own modules (`LatentDiffusionModule.model`, EMA weights). The modules are
-    used as given (their train / eval mode is the caller's).
+    a flow-stage checkpoint for flow-only sampling (`steps=0`); `noise_ckpt` adds the LR
+    noise model of noise-aware sampling (`sigma_y`, docs/method.md §10). The DDPM stage holds
+    one as a view of its own modules (`LatentDiffusionModule.model`, EMA weights). The
+    modules are used as given (their train / eval mode is the caller's).
     """
 
     def __init__(
@@ -43,25 +45,45 @@ class GPSR(nn.Module):
         unet: nn.Module | None = None,
         diffusion: GaussianDiffusion | None = None,
         stats: LatentStats | None = None,
+        noise: LRNoiseModel | None = None,
     ):
         super().__init__()
         self.flow = flow
         self.unet = unet
         self.diffusion = diffusion
         self.stats = stats
+        self.noise = noise
 
     @classmethod
-    def load(cls, ckpt: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> GPSR:
+    def load(
+        cls,
+        ckpt: str | Path,
+        device: str | torch.device = "cpu",
+        ema: bool = True,
+        noise_ckpt: str | Path | None = None,
+    ) -> GPSR:
         """Load a gpsr checkpoint (weights_only=True, `gpsr.loading`), in eval mode.
-        `ema=False` takes the raw UNet weights."""
-        from gpsr.loading import build_flow, build_latent_diffusion, read_checkpoint
+        `ema=False` takes the raw UNet weights; `noise_ckpt` a `stage=noise` checkpoint of the
+        same scale (the LR noise model, for `sigma_y`)."""
+        from gpsr.loading import (
+            build_flow,
+            build_latent_diffusion,
+            load_noise_model,
+            read_checkpoint,
+        )
 
         data = read_checkpoint(ckpt)
+        if data["gpsr"]["stage"] == "noise":
+            raise ConfigError(
+                f"ckpt={ckpt} is the LR noise model (a stage=noise checkpoint): give it as "
+                f"noise_ckpt=, and a DDPM- or flow-stage checkpoint as ckpt="
+            )
         flow = build_flow(data, ckpt)
+        noise = None if noise_ckpt is None else load_noise_model(noise_ckpt, flow.scale)
         if data["gpsr"]["stage"] == "flow":
-            return cls(flow).to(device).eval()
+            return cls(flow, noise=noise).to(device).eval()
         unet, diffusion, stats = build_latent_diffusion(data, ckpt, ema=ema)
-        return cls(flow, unet, diffusion, stats).to(device).eval()
+        return cls(flow, unet, diffusion, stats, noise).to(device).eval()
 
     @property
     def scale(self) -> int:
@@ -179,6 +201,60 @@ class GPSR(nn.Module):
             z = self.stats.denormalise(zhat.to(y.dtype))
         return self.flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
 
+    # ------------------------------------------------------------------ noisy LR images
+    @torch.no_grad()
+    def noise_level(self, lr: torch.Tensor, sigma_y: float | str | torch.Tensor) -> torch.Tensor:
+        """The noise level of each LR image, (N,) float32 in [0, 1] pixel units, from
+        `sampler.sigma_y`: a number (the same for every image), a tensor (N,) or "auto" (the
+        noise model's blind estimate, `LRNoiseModel.estimate`). lr: (N, C, h, w) in [0, 1].
+        A level above 0 needs the noise model (`noise_ckpt`) and at most the largest level
+        it was trained on; anything else is one ConfigError naming `sampler.sigma_y`."""
+        n = lr.shape[0]
+        if isinstance(sigma_y, str):
+            if sigma_y != "auto":
+                raise ConfigError(
+                    f"sampler.sigma_y must be a noise std >= 0 in [0, 1] pixel units or "
+                    f"'auto', got {sigma_y!r}"
+                )
+            self._require_noise_model("sampler.sigma_y=auto")
+            return self.noise.estimate(lr.to(self.device, torch.float32)).float()
+        if isinstance(sigma_y, bool) or not isinstance(sigma_y, (int, float, torch.Tensor)):
+            raise ConfigError(f"sampler.sigma_y must be a number or 'auto', got {sigma_y!r}")
+        sig = torch.as_tensor(sigma_y, dtype=torch.float32, device=self.device).flatten()
+        sig = sig.expand(n).clone() if sig.numel() == 1 else sig
+        if sig.shape != (n,) or not bool(torch.isfinite(sig).all()) or bool((sig < 0).any()):
+            raise ConfigError(
+                f"sampler.sigma_y must be a noise std >= 0 in [0, 1] pixel units (one number, "
+                f"or one per image), got {sigma_y!r}"
+            )
+        if bool((sig > 0).any()):
+            self._require_noise_model(f"sampler.sigma_y={float(sig.max()):g}")
+            if float(sig.max()) > self.noise.sigma_max * (1 + 1e-6):  # float32 rounding
+                raise ConfigError(
+                    f"sampler.sigma_y={float(sig.max()):g} is above the noise levels the noise "
+                    f"model was trained on (up to {self.noise.sigma_max:g}); train one with a "
+                    f"larger model.noise.sigma_max"
+                )
+        return sig
+
+    def _require_noise_model(self, what: str) -> None:
+        if self.noise is None:
+            raise ConfigError(
+                f"{what} needs the LR noise model: set noise_ckpt=<a stage=noise checkpoint> "
+                f"(python -m gpsr.train stage=noise ...), or sampler.sigma_y=0 for clean images"
+            )
+
+    def measurement(self, lr: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The LR image the sampler conditions on: lr itself where sigma = 0 (the paper),
+        else the noise model's posterior-mean estimate of the clean LR image (docs/method.md
+        §10). lr (N, C, h, w) in [0, 1], sigma (N,) -> (N, C, h, w), about [0, 1]."""
+        noisy = sigma > 0
+        if not bool(noisy.any()):
+            return lr
+        self._require_noise_model("a noise level above 0")
+        clean = self.noise.denoise(lr, sigma.to(lr))
+        return torch.where(noisy[:, None, None, None], clean, lr)
+
     @torch.no_grad()
     def super_resolve(
         self,
@@ -192,13 +268,18 @@ class GPSR(nn.Module):
         indices: list[int] | None = None,
         spacing: str = "linspace",
         tiling: Tiling | None = None,
+        sigma_y: float | str | torch.Tensor = 0.0,
     ) -> torch.Tensor:
         """Super-resolve LR images of any size.
 
         lr: (N, C, h, w) float in [0, 1] (not rounded), on any device.
         steps: UNet evaluations (7 in the paper; 0 = flow-only sampling).
         samples: K samples per image. project: project each sample onto the images consistent
-        with lr inside [0, 1] (`GPSR.project`).
+        with lr inside [0, 1] (`GPSR.project`; with noise, onto those within the noise).
+        sigma_y: the LR images' noise std in [0, 1] pixel units, a number, (N,) or "auto"
+        (`noise_level`): above 0 the sample is made from the noise model's estimate of the
+        clean LR image and agrees with lr within the noise, not exactly (docs/method.md
+        §10); 0 (default) is the paper's sampler, unchanged.
         generator / seed + indices: randomness; `seed` with `indices` makes each image's
         samples independent of batching.
         spacing: timesteps visited, "linspace" (the paper) or "trailing".
@@ -222,7 +303,8 @@ class GPSR(nn.Module):
                 f"multiples of {multiple}"
             )
         lr = lr.to(self.device, torch.float32)
-        y = ops.to_signed(lr)
+        sigma = self.noise_level(lr, sigma_y)
+        y = ops.to_signed(self.measurement(lr, sigma))
         outs = []
         for k in range(samples):
             if seed is not None:
@@ -240,21 +322,28 @@ class GPSR(nn.Module):
                 tiling=Tiling() if tiling is None else tiling,
             )  # fmt: skip
             x = ops.to_unit(x).clamp(0, 1)
-            outs.append(self.project(x, lr)[0] if project else x)
+            outs.append(self.project(x, lr, sigma)[0] if project else x)
         return outs[0] if samples == 1 else torch.stack(outs, dim=1)
 
-    def project(self, sr: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self, sr: torch.Tensor, lr: torch.Tensor, sigma: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The closest images to `sr` that degrade exactly to `lr` and stay in [0, 1]
-        (`gpsr.projection.project_consistent_box`).
+        (`gpsr.projection.project_consistent_box`); with noise levels `sigma` (N,) of which
+        any is above 0, the closest whose degradation lies within the noise of lr,
+        `||D_s(x) - lr||^2 <= m sigma^2` (`gpsr.projection.project_noise_ball`).
 
         sr: (N, C, s*h, s*w) or (N, K, C, s*h, s*w) in [0, 1]; lr: (N, C, h, w) in [0, 1].
         Returns (projected, same shape as sr; Newton steps per image, (N,) or (N, K)).
         """
         if sr.dim() == 5:
             k = sr.shape[1]
-            flat, steps = self.project(sr.flatten(0, 1), lr.repeat_interleave(k, 0))
+            sig = None if sigma is None else sigma.repeat_interleave(k, 0)
+            flat, steps = self.project(sr.flatten(0, 1), lr.repeat_interleave(k, 0), sig)
             return flat.reshape(sr.shape), steps.reshape(-1, k)
-        return project_consistent_box(sr, lr.to(sr), self.scale)
+        if sigma is None or not bool((sigma > 0).any()):
+            return project_consistent_box(sr, lr.to(sr), self.scale)
+        return project_noise_ball(sr, lr.to(sr), self.scale, sigma.double().cpu())
 
     # ------------------------------------------------------------------ diagnostic
     @torch.no_grad()

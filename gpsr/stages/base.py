@@ -16,7 +16,7 @@ from gpsr.utils.errors import ConfigError, GPSRError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageModule", "NonFiniteLossError", "plain"]
+__all__ = ["StageModule", "NonFiniteLossError", "plain", "metric_targets"]
 
 
 def plain(obj: Any) -> Any:
@@ -30,6 +30,15 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj
+
+
+def metric_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the metrics callback compares samples with, in [0, 1]: "hr", "lr" (the LR the
+    samples were made from) and, when the data adds noise to it, "lr_clean"."""
+    from gpsr import ops
+
+    keys = ("hr", "lr", "lr_clean") if "lr_clean" in batch else ("hr", "lr")
+    return {k: ops.to_unit(batch[k]) for k in keys}
 
 
 class NonFiniteLossError(GPSRError, FloatingPointError):

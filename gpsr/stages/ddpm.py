@@ -18,7 +18,7 @@ from gpsr.models.gpsr import GPSR
 from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
 from gpsr.panels import panel_rows
-from gpsr.stages.base import StageModule, plain
+from gpsr.stages.base import StageModule, metric_targets, plain
 from gpsr.utils.errors import ConfigError
 
 __all__ = ["LatentDiffusionModule", "ema_avg_fn"]
@@ -215,7 +215,7 @@ class LatentDiffusionModule(StageModule):
             )
             self._diag = add_diagnostic(self._diag, part)
         sr = self.sample(batch["lr"], idx)
-        return {"hr": ops.to_unit(batch["hr"]), "lr": ops.to_unit(batch["lr"]), "sr": {"gpsr": sr}}
+        return {**metric_targets(batch), "sr": {"gpsr": sr}}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         return self.validation_step(batch, batch_idx)

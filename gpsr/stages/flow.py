@@ -13,7 +13,7 @@ from gpsr.diffusion import IndexNoise
 from gpsr.models.flow import DegradationFlow, flow_loss_terms
 from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows
-from gpsr.stages.base import StageModule, plain
+from gpsr.stages.base import StageModule, metric_targets, plain
 
 __all__ = ["FlowModule", "flow_loss_terms"]  # the loss lives in gpsr.models.flow
 
@@ -89,7 +89,7 @@ class FlowModule(StageModule):
         self.coarse_mse[split].update(fit)
         self.log(f"{split}/coarse_mse", self.coarse_mse[split], batch_size=hr.shape[0])
         sr = {name: ops.to_unit(x).clamp(0, 1) for name, x in self._samples(batch).items()}
-        return {"hr": ops.to_unit(hr), "lr": ops.to_unit(lr), "sr": sr}
+        return {**metric_targets(batch), "sr": sr}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         return self.validation_step(batch, batch_idx, split="test")
