@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 export WANDB_SILENT := true
 
-.PHONY: install test test-fast lint demo demo-large demo-parameterization clean
+.PHONY: install test test-fast lint demo demo-large demo-trust demo-parameterization clean
 
 install: $(STAMP)
 
@@ -29,7 +29,8 @@ lint: install
 	.venv/bin/ruff check gpsr tests scripts
 	.venv/bin/ruff format --check gpsr tests scripts
 
-## Train both stages on the bundled photos, evaluate, sweep NFEs and write the report (CPU).
+## Train both stages and the LR noise model on the bundled photos, evaluate, sweep NFEs and
+## write the report (CPU).
 demo: install
 	bash scripts/demo.sh
 
@@ -37,6 +38,11 @@ demo: install
 ## image grows (LR 64..512; LARGE_SIDES=64,...,1024 for more); after `make demo`.
 demo-large: install
 	PYTHONPATH=. $(PY) scripts/demo_large.py
+
+## Trust under noise: noisy test tiles (sigma 0, 0.02, 0.05), noise-unaware and noise-aware
+## GPSR (true and estimated sigma), projected, bicubic; writes demo/trust/; after `make demo`.
+demo-trust: install
+	PYTHONPATH=. $(PY) scripts/demo_trust.py
 
 ## eps vs v vs x0 for the demo's latent DDPM (same flow, data and budget); after `make demo`.
 demo-parameterization: install
