@@ -331,18 +331,13 @@ def project_consistent_box(
     scale: int,
     low: float = 0.0,
     high: float = 1.0,
-    tol: float = 1e-13,
-    max_iter: int = 300,
-    sweep_iter: int = 30,
-    block: int = 16,
-    max_sweeps: int = 30,
-    chunk: int = 2**18,
-    patience: int = 3,
-    max_dual: float = 1000.0,
-    whole: int = 4096,
-    whole_iter: int = 6,
+    **solver,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x that is consistent (`D_s(x') = y`) and inside [low, high].
+
+    `solver`: the settings of the block dual ascent, named below (`tol`, `max_iter`,
+    `sweep_iter`, `block`, `max_sweeps`, `chunk`, `patience`, `max_dual`, `whole`,
+    `whole_iter`), with the defaults of `_Solver`.
 
     `x' = clamp(x + D_s^T lam)` with lam maximising the concave dual, block by block (see the
     comment above `_block_edges`), each block by semi-smooth Newton (`_newton_blocks`, at
@@ -376,10 +371,7 @@ def project_consistent_box(
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units -> (x' (N, C, H, W) in [low, high],
     Newton steps per image (N,) long).
     """
-    opt = _settings(
-        x, y, scale, "project_consistent_box", low, high, tol, max_iter, sweep_iter, block,
-        max_sweeps, chunk, patience, max_dual, whole, whole_iter,
-    )  # fmt: skip
+    opt = _settings(x, y, scale, "project_consistent_box", low, high, solver)
     n, c, H, W = x.shape
     x64, y64, op_h, op_w = _as_slices(x, y, scale)
     # Warm start: the multipliers of the projection without the box, lam = (D D^T)^-1 r, for
@@ -389,7 +381,7 @@ def project_consistent_box(
     # the clamped warm start is less consistent than x itself.
     r0 = y64 - separable(op_h, op_w, x64.clamp(low, high))
     lam = gram_inverse(r0, scale)
-    lam = lam.clamp(-opt.bound, opt.bound)
+    lam = lam.clamp(-opt.max_dual * scale**2, opt.max_dual * scale**2)
     z = x64 + separable_adjoint(op_h, op_w, lam)
     r1 = y64 - separable(op_h, op_w, z.clamp(low, high))
     worse = (r1 * r1).flatten(1).mean(1) > (r0 * r0).flatten(1).mean(1)
@@ -409,16 +401,7 @@ def project_noise_ball(
     high: float = 1.0,
     rtol: float = 1e-4,
     max_outer: int = 40,
-    tol: float = 1e-13,
-    max_iter: int = 300,
-    sweep_iter: int = 30,
-    block: int = 16,
-    max_sweeps: int = 30,
-    chunk: int = 2**18,
-    patience: int = 3,
-    max_dual: float = 1000.0,
-    whole: int = 4096,
-    whole_iter: int = 6,
+    **solver,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest image to x inside [low, high] that is consistent with a noisy y within its
     noise: `||D_s(x') - y||^2 <= m sigma^2`, m = C h w the image's LR values (docs/method.md
@@ -436,7 +419,7 @@ def project_noise_ball(
     whose clamp(x) already lies in the ball is returned as clamp(x) (the projection);
     images with sigma = 0 get the exact projection (`project_consistent_box`); one whose
     ball no image in the box reaches (unreachable LR pixels) gets its least residual found.
-    The other settings are those of `project_consistent_box`. Computed in float64.
+    `solver`: the block solver's settings of `project_consistent_box`. Computed in float64.
 
     x: (N, C, H, W), y: (N, C, H/s, W/s), same units; sigma: a number or (N,) >= 0 in those
     units -> (x' (N, C, H, W) in [low, high], Newton steps per image (N,) long).
@@ -452,19 +435,14 @@ def project_noise_ball(
     # The residual must be known to a fraction of rtol: the blocks are solved until their
     # gradient's mean square is below (rtol sigma / 4)^2 (or `tol`, if smaller).
     finest = float(sig[sig > 0].min()) if bool((sig > 0).any()) else 1.0
-    opt = _settings(
-        x, y, scale, "project_noise_ball", low, high, min(tol, (rtol * finest / 4) ** 2),
-        max_iter, sweep_iter, block, max_sweeps, chunk, patience, max_dual, whole, whole_iter,
-    )  # fmt: skip
+    tol = min(solver.get("tol", _Solver.tol), (rtol * finest / 4) ** 2)
+    opt = _settings(x, y, scale, "project_noise_ball", low, high, {**solver, "tol": tol})
     out = x.clamp(low, high)
     steps = torch.zeros(n, dtype=torch.long)
     exact = sig == 0
     if bool(exact.any()):
-        kw = {"tol": tol, "max_iter": max_iter, "sweep_iter": sweep_iter, "block": block,
-              "max_sweeps": max_sweeps, "chunk": chunk, "patience": patience,
-              "max_dual": max_dual, "whole": whole, "whole_iter": whole_iter}  # fmt: skip
         idx = exact.nonzero().flatten().to(x.device)
-        out[idx], steps[exact] = project_consistent_box(x[idx], y[idx], scale, low, high, **kw)
+        out[idx], steps[exact] = project_consistent_box(x[idx], y[idx], scale, low, high, **solver)
     x64, y64, op_h, op_w = _as_slices(x, y, scale)
     rho2 = sig.square() * (y[0].numel())  # the ball's squared radius per image
     xb = x64.clamp(low, high)
@@ -531,35 +509,33 @@ def project_noise_ball(
 
 @dataclass(frozen=True)
 class _Solver:
-    """Settings of the block dual ascent (`project_consistent_box` says what each does)."""
+    """Settings of the block dual ascent and their defaults (`project_consistent_box` says
+    what each does); `low`, `high` the box."""
 
-    low: float
-    high: float
-    tol: float
-    max_iter: int
-    sweep_iter: int
-    block: int
-    max_sweeps: int
-    chunk: int
-    patience: int
-    bound: float
-    whole: int
-    whole_iter: int
+    low: float = 0.0
+    high: float = 1.0
+    tol: float = 1e-13
+    max_iter: int = 300
+    sweep_iter: int = 30
+    block: int = 16
+    max_sweeps: int = 30
+    chunk: int = 2**18
+    patience: int = 3
+    max_dual: float = 1000.0
+    whole: int = 4096
+    whole_iter: int = 6
 
 
-def _settings(x, y, scale, name, low, high, tol, max_iter, sweep_iter, block, max_sweeps, chunk,
-              patience, max_dual, whole, whole_iter) -> _Solver:  # fmt: skip
-    """Check shapes and the block size; -> the solver settings (|lam| <= max_dual * s^2)."""
+def _settings(x, y, scale: int, name: str, low: float, high: float, solver: dict) -> _Solver:
+    """Check shapes and the block size; -> the solver settings (`solver` over the defaults)."""
     _check_shapes(x, y, scale, name)
-    if block < 3:  # one colour's blocks are one block apart; the bicubic reaches 1.5 LR pixels
+    opt = _Solver(low, high, **solver)
+    if opt.block < 3:  # one colour's blocks are one block apart; the bicubic reaches 1.5 LR pixels
         raise ConfigError(
-            f"{name}: block={block} LR pixels; it must be at least 3, or blocks "
+            f"{name}: block={opt.block} LR pixels; it must be at least 3, or blocks "
             f"solved together would share HR pixels"
         )
-    return _Solver(
-        low, high, tol, max_iter, sweep_iter, block, max_sweeps, chunk, patience,
-        max_dual * scale**2, whole, whole_iter,
-    )  # fmt: skip
+    return opt
 
 
 def _as_slices(x: torch.Tensor, y: torch.Tensor, scale: int):
@@ -589,7 +565,8 @@ def _maximise_dual(
     work on (None: all). -> (each slice's best z, its lam, Newton steps (S,) long)."""
     S, H, W = z.shape
     h, w = H // scale, W // scale
-    low, high, tol, bound, block = opt.low, opt.high, opt.tol, opt.bound, opt.block
+    low, high, tol, block = opt.low, opt.high, opt.tol, opt.block
+    bound = opt.max_dual * scale**2  # |lam| bound: pixel changes are about lam / s^2
     steps = torch.zeros(S, dtype=torch.long)
     tau_s = None if tau is None else tau[:, None, None]
 
