@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 
 from gpsr import ops
 from gpsr.diffusion.noise import measurement_noise
+from gpsr.metrics import CONSISTENCY_UNIT
 from gpsr.models.noise import LRNoiseModel
 from gpsr.stages.base import StageModule, plain
 from gpsr.utils.errors import ConfigError
@@ -182,7 +183,7 @@ class NoiseModule(StageModule):
             metrics["estimate"].update(self.noise.estimate(noisy))
             if s > 0:
                 level = torch.full((n,), s, device=clean.device)
-                mse = lambda x: (x - clean).square().flatten(1).mean(1) / 1e-5  # noqa: E731
+                mse = lambda x: (x - clean).square().flatten(1).mean(1) / CONSISTENCY_UNIT  # noqa: E731
                 metrics["noisy_mse"].update(mse(noisy))
                 metrics["denoised_mse"].update(mse(self.noise.denoise(noisy, level)))
             # Logged as val/sigma_0.05/denoised_mse (MSE x1e-5 against the clean LR).
