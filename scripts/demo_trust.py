@@ -5,7 +5,8 @@ clamped to [0, 1], seeded per tile), each evaluated by `gpsr.evaluate` (7+1 NFEs
 per tile, seed 0, projection on) three ways: noise-unaware (`sampler.sigma_y=0`, the paper's
 sampler, its projection exact onto the noisy LR), noise-aware with the true sigma, and
 noise-aware with `sampler.sigma_y=auto`. Bicubic upsampling and flow-only sampling of the
-same noisy LR are the baselines. Also the noise model's estimate of sigma on every tile.
+same noisy LR are the baselines. Also the noise model's estimate of sigma on every tile, and
+the NFE sweep under noise (1, 7 and 100 steps at sigma 0.05, unaware and aware).
 
 Writes <out>/trust.json and <out>/trust.md (default out: demo/trust); needs
 demo/ddpm/checkpoints/last.ckpt and demo/noise/checkpoints/last.ckpt.
@@ -34,16 +35,19 @@ from gpsr.utils.cli import CONFIG_DIR
 REPO = Path(__file__).resolve().parents[1]
 SIGMAS = (0.0, 0.02, 0.05)
 MODES = (("unaware", "0"), ("known", None), ("auto", "auto"))  # None: the true sigma
+SWEEP_SIGMA, SWEEP_STEPS = 0.05, (1, 7, 100)
 
 
-def run_eval(ckpt: Path, noise: Path, sigma: float, sigma_y: str, out: Path) -> dict:
+def run_eval(
+    ckpt: Path, noise: Path, sigma: float, sigma_y: str, out: Path, steps: int = 7
+) -> dict:
     """One `gpsr.evaluate` run in this process (as `python -m gpsr.evaluate` composes it)."""
     overrides = [
         f"ckpt={ckpt}",
         f"noise_ckpt={noise}",
         f"data.lr_noise={sigma}",
         f"sampler.sigma_y={sigma_y}",
-        "sampler.steps=7",
+        f"sampler.steps={steps}",
         "sampler.samples=1",
         "sampler.project=true",
         "baselines=[bicubic,flow]",
@@ -135,6 +139,25 @@ def markdown(result: dict) -> str:
             )
         lines.append("")
     lines += [
+        f"## NFE sweep at sigma = {SWEEP_SIGMA:g}",
+        "",
+        "| sampler | NFEs | PSNR | SSIM | consistency clean | discrepancy ratio | projected: PSNR "
+        "| projected: consistency clean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("unaware", "known"):
+        for steps in SWEEP_STEPS:
+            run = result["sweep"][mode][str(steps)]["methods"]
+            m, p = run["gpsr"], run["gpsr_projected"]
+            ratio = f"{m['discrepancy_ratio']:.3g}" if "discrepancy_ratio" in m else ""
+            label = "noise-unaware" if mode == "unaware" else f"noise-aware (sigma {SWEEP_SIGMA:g})"
+            lines.append(
+                f"| {label} | {steps}+1 | {m['psnr']:.2f} | {m['ssim']:.4f} | "
+                f"{m['consistency_clean']:.4g} | {ratio} | {p['psnr']:.2f} | "
+                f"{p['consistency_clean']:.4g} |"
+            )
+    lines += [
+        "",
         "## The noise model's estimate of sigma (`sampler.sigma_y=auto`), per tile",
         "",
         "| true sigma | mean | median | min | max | mean vs truth | median abs. relative error |",
@@ -165,9 +188,10 @@ def machine() -> str:
 
 
 def main() -> int:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "demo" / "trust"
-    ckpt = REPO / "demo" / "ddpm" / "checkpoints" / "last.ckpt"
-    noise = REPO / "demo" / "noise" / "checkpoints" / "last.ckpt"
+    out = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else REPO / "demo" / "trust"
+    os.chdir(REPO)  # the files record the checkpoints' paths relative to the repository
+    ckpt = Path("demo/ddpm/checkpoints/last.ckpt")
+    noise = Path("demo/noise/checkpoints/last.ckpt")
     for path in (ckpt, noise):
         if not path.is_file():
             print(f"gpsr: error: {path} not found: run `make demo` first", file=sys.stderr)
@@ -185,9 +209,17 @@ def main() -> int:
             print(f"sigma {sigma:g}, sampler.sigma_y={value}", flush=True)
             summary = run_eval(ckpt, noise, sigma, value, out / f"sigma{sigma:g}_{mode}")
             runs.setdefault(f"{sigma:g}", {})[mode] = summary
+    sweep: dict[str, dict] = {}
+    for mode, sigma_y in (("unaware", "0"), ("known", f"{SWEEP_SIGMA:g}")):
+        for steps in SWEEP_STEPS:
+            print(f"sweep: sigma {SWEEP_SIGMA:g}, sampler.sigma_y={sigma_y}, {steps}+1 NFEs")
+            where = out / f"sweep_{mode}_{steps}"
+            summary = run_eval(ckpt, noise, SWEEP_SIGMA, sigma_y, where, steps=steps)
+            sweep.setdefault(mode, {})[str(steps)] = summary
     result = {
         "machine": machine(),
         "runs": runs,
+        "sweep": sweep,
         "estimates": estimates(noise, 4),
         "seconds": time.perf_counter() - t0,
     }
