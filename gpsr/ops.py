@@ -6,6 +6,7 @@ the sampler alike (docs/method.md §1, §2, §8). Images are float tensors shape
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "upsample_bicubic",
     "noisy_measurement",
     "quantize_8bit",
+    "degradation_range",
     "QUANT_NOISE_STD",
 ]
 
@@ -113,6 +115,22 @@ def degradation_matrix(
     per channel. O(n^2) memory: the projections use its banded form (`gpsr.banded`)."""
     check_divisible(n, n, scale, what="side")
     return dense_degradation(n, scale).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def degradation_range(scale: int) -> tuple[float, float]:
+    """The smallest and largest value `D_s` gives any image in [0, 1]: per LR pixel, the sum of
+    the negative (positive) products of its two 1-D rows, the extremes over every row of the
+    dense factors of sides 1 to 32 LR pixels (border rows are cut and renormalised). About
+    [-0.21, 1.21] at 2x and [-0.18, 1.18] at 8x: an LR value outside it comes from no image
+    in [0, 1] (e.g. 0..255 or [-1, 1] pixels)."""
+    lows, highs = [], []
+    for side in range(1, 33):
+        a = dense_degradation(side * scale, scale)
+        pos, neg = a.clamp(min=0).sum(1), (-a).clamp(min=0).sum(1)
+        highs.append(float((pos[:, None] * pos[None] + neg[:, None] * neg[None]).max()))
+        lows.append(float(-(pos[:, None] * neg[None] + neg[:, None] * pos[None]).max()))
+    return min(lows), max(highs)
 
 
 def pseudoinverse(y: torch.Tensor, scale: int) -> torch.Tensor:

@@ -507,3 +507,91 @@ def test_an_image_too_large_without_tiling_is_one_line_and_the_rest_go_on(
     assert len(err) == 1 and err[0].startswith(f"skipped: {src / 'big.png'}: ")
     assert "sampler.tile=auto" in err[0] and "GiB" in err[0]
     assert (tmp_path / "o" / "small_sr.png").is_file()
+
+
+# ------------------------------------------------------------------ no silent garbage
+def test_degradation_range_is_attained_by_the_image_that_follows_the_kernel_sign():
+    """The largest (smallest) value D_s gives an image in [0, 1] comes from the image that is
+    1 where an LR pixel's 2-D kernel is positive (negative) and 0 elsewhere: built here from
+    F.interpolate's own weights, it reaches the range's ends, and random images stay inside."""
+    from gpsr import ops
+
+    for scale in (2, 8):
+        low, high = ops.degradation_range(scale)
+        n = 12 * scale
+        eye = torch.eye(n, dtype=torch.float64)[:, None, None, :]  # rows of the 1-D factor
+        a = torch.nn.functional.interpolate(
+            eye.reshape(n, 1, 1, n), size=(1, n // scale), mode="bicubic", antialias=True,
+            align_corners=False,
+        )[:, 0, 0, :].T  # (n/s, n)  # fmt: skip
+        kernel = a[5][:, None] * a[5][None, :]  # an interior LR pixel's weights over the HR
+        ends = []
+        for sign in (1, -1):
+            x = (sign * kernel > 0).double()[None, None]
+            ends.append(float(ops.degrade(x, scale)[0, 0, 5, 5]))
+        assert abs(ends[0] - high) < 0.02 and abs(ends[1] - low) < 0.02
+        assert ends[0] <= high + 1e-9 and ends[1] >= low - 1e-9
+        rand = ops.degrade(torch.rand(4, 3, n, n, dtype=torch.float64), scale)
+        assert low <= float(rand.min()) and float(rand.max()) <= high
+
+
+def _tiny_gpsr():
+    from gpsr.diffusion import GaussianDiffusion
+    from gpsr.models.gpsr import GPSR
+    from gpsr.models.stats import LatentStats
+    from gpsr.models.unet import UNet
+    from tests.helpers import SMALL_UNET, randomize_, tiny_flow
+
+    unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.02).eval()
+    return GPSR(tiny_flow(scale=4), unet, GaussianDiffusion(1000, prediction="x0"), LatentStats(9))
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda lr: lr * 255, "max 2"),  # 0..255 pixels (a common mistake)
+        (lambda lr: lr * 2 - 1, "min -0.89"),  # [-1, 1] pixels
+        (lambda lr: lr.index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan"))), "NaN"),
+    ],
+    ids=["0-255", "signed", "nan"],
+)
+def test_super_resolve_refuses_values_no_image_can_give(make, message):
+    model = _tiny_gpsr()
+    lr = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    model.super_resolve(lr, steps=1)  # in range: fine
+    with pytest.raises(ConfigError, match="pass (finite )?images in \\[0, 1\\]") as err:
+        model.super_resolve(make(lr.clone()), steps=1)
+    assert message in str(err.value)
+
+
+def test_non_finite_samples_are_never_returned():
+    from gpsr.utils.errors import NonFiniteOutputError
+
+    model = _tiny_gpsr()
+    with torch.no_grad():
+        next(model.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match=r"image\(s\) \[0, 1\]"):
+        model.super_resolve(torch.rand(2, 3, 8, 8), steps=2)
+
+
+@pytest.mark.slow
+def test_sample_writes_no_image_for_a_model_that_gives_nan(tmp_path, ddpm_ckpt):
+    """A checkpoint whose UNet yields NaN (re-sealed, so it loads): gpsr.sample writes no
+    image, says so in one line naming the file, and exits with status 1."""
+    ckpt = torch.load(ddpm_ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("ema.module.") and "weight" in k)
+    ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], float("nan"))
+    ckpt["gpsr"]["sha256"] = checkpoint_digest(ckpt)
+    bad = tmp_path / "nan.ckpt"
+    atomic_save(ckpt, bad)
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "a.png", size=(8, 8))
+    out = tmp_path / "out"
+    proc = run_cli(
+        "sample", f"ckpt={bad}", f"input={src}", f"output={out}", "sampler.steps=2",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "a.png" in proc.stderr and "NaN or infinite values" in proc.stderr
+    assert not list(out.glob("*")) if out.exists() else True

@@ -24,7 +24,7 @@ from gpsr.models.stats import LatentStats
 from gpsr.projection import project_consistent_box, project_noise_ball
 from gpsr.tiling import TiledDenoiser, Tiling
 from gpsr.utils.device import available_memory
-from gpsr.utils.errors import ConfigError, TooLargeError
+from gpsr.utils.errors import ConfigError, NonFiniteOutputError, TooLargeError
 
 __all__ = ["GPSR"]
 
@@ -272,7 +272,9 @@ class GPSR(nn.Module):
     ) -> torch.Tensor:
         """Super-resolve LR images of any size.
 
-        lr: (N, C, h, w) float in [0, 1] (not rounded), on any device.
+        lr: (N, C, h, w) float in [0, 1] (not rounded), on any device. Non-finite values, and
+        values no image in [0, 1] degrades to (`gpsr.ops.degradation_range`, e.g. 0..255 or
+        [-1, 1] pixels), are refused (`check_lr`).
         steps: UNet evaluations (7 in the paper; 0 = flow-only sampling).
         samples: K samples per image. project: project each sample onto the images consistent
         with lr inside [0, 1] (`GPSR.project`; with noise, onto those within the noise).
@@ -287,7 +289,9 @@ class GPSR(nn.Module):
         on overlapping tiles of its training size and the flow inverse on 256 x 256 coarse
         tiles with an exact halo, so memory is bounded by the tile; `Tiling.whole()` runs
         every image in one piece.
-        Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w).
+        Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w). A
+        sample that is not finite (damaged or diverged weights) is never returned: it raises
+        `NonFiniteOutputError` naming the images.
         """
         if lr.dim() != 4 or lr.shape[1] != self.flow.channels:
             raise ConfigError(
@@ -303,6 +307,7 @@ class GPSR(nn.Module):
                 f"multiples of {multiple}"
             )
         lr = lr.to(self.device, torch.float32)
+        self.check_lr(lr)
         sigma = self.noise_level(lr, sigma_y)
         y = ops.to_signed(self.measurement(lr, sigma))
         outs = []
@@ -321,9 +326,38 @@ class GPSR(nn.Module):
                 y, steps, eta=eta, noise_fn=noise, spacing=spacing,
                 tiling=Tiling() if tiling is None else tiling,
             )  # fmt: skip
+            bad = ~torch.isfinite(x).flatten(1).all(1)
+            if bool(bad.any()):
+                raise NonFiniteOutputError(
+                    f"the model produced NaN or infinite values for image(s) "
+                    f"{bad.nonzero().flatten().tolist()} of this batch (sample {k}): nothing is "
+                    f"returned; the checkpoint's weights or latent statistics are damaged or "
+                    f"diverged"
+                )
             x = ops.to_unit(x).clamp(0, 1)
             outs.append(self.project(x, lr, sigma)[0] if project else x)
         return outs[0] if samples == 1 else torch.stack(outs, dim=1)
+
+    def check_lr(self, lr: torch.Tensor) -> None:
+        """Refuse, in one line saying what was found, LR images (N, C, h, w) with NaN or
+        infinite values or values outside the range `D_s` gives images in [0, 1]
+        (`gpsr.ops.degradation_range`, a little wider than [0, 1]: the bicubic kernel
+        overshoots): pixels in 0..255 or [-1, 1] would otherwise give an all-white or washed
+        out image without a word."""
+        finite = torch.isfinite(lr)
+        if not bool(finite.all()):
+            raise ConfigError(
+                f"lr holds {int((~finite).sum())} NaN or infinite value(s): pass finite images "
+                f"in [0, 1]"
+            )
+        lo, hi = float(lr.min()), float(lr.max())
+        low, high = ops.degradation_range(self.scale)
+        if lo < low - 1e-4 or hi > high + 1e-4:
+            raise ConfigError(
+                f"lr holds values outside [0, 1] (min {lo:.4g}, max {hi:.4g}): pass images in "
+                f"[0, 1] (no image in [0, 1] degrades at {self.scale}x to values "
+                f"outside [{low:.3f}, {high:.3f}]; 8-bit pixels are divided by 255)"
+            )
 
     def project(
         self, sr: torch.Tensor, lr: torch.Tensor, sigma: torch.Tensor | None = None

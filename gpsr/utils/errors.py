@@ -8,7 +8,14 @@ like keep working.
 
 from __future__ import annotations
 
-__all__ = ["GPSRError", "ConfigError", "InputNotFoundError", "OutputError", "TooLargeError"]
+__all__ = [
+    "GPSRError",
+    "ConfigError",
+    "InputNotFoundError",
+    "OutputError",
+    "TooLargeError",
+    "NonFiniteOutputError",
+]
 
 
 class GPSRError(Exception):
@@ -29,3 +36,7 @@ class OutputError(GPSRError, PermissionError):
 
 class TooLargeError(GPSRError, MemoryError):
     """An input that would need more memory than the machine has, with the setting that helps."""
+
+
+class NonFiniteOutputError(GPSRError, FloatingPointError):
+    """A model produced NaN or infinite values: nothing is returned or written as an image."""
