@@ -45,10 +45,24 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def list_inputs(src: Path) -> list[Path]:
-    """The input file, or every file of the input folder (not recursive), sorted."""
+    """The input file, or every file of the input folder, sorted. Not recursive (all
+    outputs go to one folder, named by the inputs' stems): a folder with no files of its own
+    is refused in one line, which counts the images in its subfolders."""
     if not src.exists():
         raise InputNotFoundError(f"input={src} does not exist")
-    return [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
+    if src.is_file():
+        return [src]
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    if not files:
+        nested = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        where = (
+            f"; its subfolders hold {len(nested)} image(s), e.g. {nested[0]}, but gpsr.sample "
+            f"reads only the folder's own files: give a subfolder as input="
+            if nested
+            else ""
+        )
+        raise InputNotFoundError(f"input={src} holds no files{where}")
+    return files
 
 
 def plan_outputs(
@@ -171,7 +185,7 @@ def process_one(
     """Super-resolve one LR file and write its planned outputs; GPSRError on a bad file."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageFileError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
-    img = decode_rgb(path)
+    img = decode_rgb(path, cfg.get("max_pixels"))
     h, w = img.shape[-2:]
     multiple, minimum = model.lr_size_rule()
     if min(h, w) < minimum:

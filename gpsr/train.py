@@ -39,6 +39,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         found = find_last_checkpoint(output_dir)
         log.info("resume=auto: %s", found or "no checkpoint yet, starting fresh")
         return str(found) if found else None
+    if Path(ckpt_path).is_dir():
+        raise InputNotFoundError(f"ckpt_path={ckpt_path} is a folder; give a checkpoint file")
     if not Path(ckpt_path).is_file():
         raise InputNotFoundError(f"ckpt_path={ckpt_path} does not exist")
     return ckpt_path

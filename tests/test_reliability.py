@@ -595,3 +595,90 @@ def test_sample_writes_no_image_for_a_model_that_gives_nan(tmp_path, ddpm_ckpt):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "a.png" in proc.stderr and "NaN or infinite values" in proc.stderr
     assert not list(out.glob("*")) if out.exists() else True
+
+
+def _bad_checkpoints(folder: Path, marker: Path, good: Path) -> dict[str, Path]:
+    """Files a user may pass as a checkpoint by mistake or malice: empty, text, random
+    bytes, a truncated real checkpoint, a pickle whose loading would run code (it touches
+    `marker`), a folder."""
+    import os
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    files = {
+        name: folder / f"{name}.ckpt" for name in ("empty", "text", "random", "cut", "hostile")
+    }
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("step=4\n")
+    files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
+    data = good.read_bytes()
+    files["cut"].write_bytes(data[: len(data) // 2])
+    torch.save({"global_step": 8, "payload": Hostile()}, files["hostile"])
+    (folder / "a_folder.ckpt").mkdir()
+    files["folder"] = folder / "a_folder.ckpt"
+    return files
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "random", "cut", "hostile", "folder"])
+def test_train_refuses_a_bad_resume_checkpoint_in_one_line(tmp_path, flow_ckpt, kind):
+    """`gpsr.train ckpt_path=<file>` reads the step before Lightning loads the file: a bad
+    file is one CheckpointError saying what it is (never torch's advice to load it unsafely),
+    and a hostile pickle's code never runs."""
+    from gpsr.train import train
+    from gpsr.utils.checkpoint import CheckpointError
+
+    marker = tmp_path / "ran"
+    bad = _bad_checkpoints(tmp_path, marker, flow_ckpt)[kind]
+    cfg = compose_cfg(["stage=flow", "logger=none", f"ckpt_path={bad}"], output_dir=tmp_path / "r")
+    with pytest.raises(GPSRError) as err:
+        train(cfg)
+    text = str(err.value)
+    assert str(bad) in text and "weights_only` set to `False" not in text
+    expect = {
+        "hostile": "refused by the safe loader",
+        "random": "not a readable checkpoint",
+        "folder": "is a folder",
+    }.get(kind, "truncated, damaged or not a checkpoint")
+    assert expect in text
+    assert isinstance(err.value, CheckpointError) or kind == "folder"
+    assert not marker.exists()
+
+
+def test_decompression_bomb_is_refused_at_the_stated_limit_and_the_limit_can_be_raised(tmp_path):
+    """Pillow alone only warns between its limit and twice it: a 9500 x 9500 header (1.01x
+    the limit) is refused by name; `max_pixels` moves the limit (both ways)."""
+    from PIL import Image as PILImage
+
+    from gpsr.data import GPSRDataModule
+    from gpsr.data.images import ImageFileError, decode_rgb, read_header
+
+    _bomb(tmp_path / "big.png", side=9500)
+    limit = PILImage.MAX_IMAGE_PIXELS
+    assert limit < 9500**2 < 2 * limit
+    for fn in (read_header, decode_rgb):
+        with pytest.raises(ImageFileError, match=f"more than the limit of {limit:,}"):
+            fn(tmp_path / "big.png")
+    assert read_header(tmp_path / "big.png", max_pixels=10**8) == (9500, 9500)
+    assert PILImage.MAX_IMAGE_PIXELS == limit  # Pillow's own setting is left as it was
+    _png(tmp_path / "small.png", size=(8, 4))
+    assert decode_rgb(tmp_path / "small.png", max_pixels=32).shape == (3, 4, 8)
+    with pytest.raises(ImageFileError, match="32 pixels, more than the limit of 31"):
+        decode_rgb(tmp_path / "small.png", max_pixels=31)
+    with pytest.raises(ConfigError, match="data.max_pixels"):
+        GPSRDataModule(source="folder", root=str(tmp_path), max_pixels=0)
+
+
+def test_sample_refuses_an_input_folder_without_files_and_says_where_images_are(tmp_path):
+    from gpsr.sample import sample_images
+    from gpsr.utils.errors import InputNotFoundError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputNotFoundError, match="input=.*empty holds no files$"):
+        sample_images(_sample_cfg(input=str(empty), output=str(tmp_path / "o")))
+    (empty / "sub").mkdir()
+    _png(empty / "sub" / "a.png")
+    with pytest.raises(InputNotFoundError, match="subfolders hold 1 image"):
+        sample_images(_sample_cfg(input=str(empty), output=str(tmp_path / "o")))

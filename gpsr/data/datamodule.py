@@ -47,12 +47,14 @@ SPLITS = ("train", "val", "test")
 
 
 def load_or_skip(
-    path: Path, size: int, skip_corrupt: bool, crop: str = "resize"
+    path: Path, size: int, skip_corrupt: bool, crop: str = "resize", max_pixels: int | None = None
 ) -> torch.Tensor | None:
     """`load_image`, or None with a warning for a bad file when `skip_corrupt` (else raise).
     crop="full" decodes the whole image (no crop)."""
     try:
-        return decode_rgb(path) if crop == "full" else load_image(path, size, crop)
+        if crop == "full":
+            return decode_rgb(path, max_pixels)
+        return load_image(path, size, crop, max_pixels)
     except ImageFileError as err:
         if not skip_corrupt:
             raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from None
@@ -97,6 +99,7 @@ class ImageDataset(Dataset):
             from (noise_seed, index) so it does not depend on batching; 0 = none.
         lr_quantize: round the (noisy) LR image to 8-bit levels.
         noise_seed: seed of the LR noise.
+        max_pixels: the decompression-bomb limit of a file (None: Pillow's).
     """
 
     def __init__(
@@ -110,9 +113,11 @@ class ImageDataset(Dataset):
         lr_noise: float = 0.0,
         lr_quantize: bool = False,
         noise_seed: int = 0,
+        max_pixels: int | None = None,
     ):
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         self.items = items
+        self.max_pixels = max_pixels
         self.size, self.scale, self.flip, self.skip_corrupt = size, scale, flip, skip_corrupt
         self.crop = crop
         self.lr_noise, self.lr_quantize, self.noise_seed = lr_noise, lr_quantize, noise_seed
@@ -129,7 +134,7 @@ class ImageDataset(Dataset):
                 if item.shape[-2:] == (self.size, self.size):
                     return item
                 return crop_square(item, self.size, self.crop)
-            img = load_or_skip(item, self.size, self.skip_corrupt, self.crop)
+            img = load_or_skip(item, self.size, self.skip_corrupt, self.crop, self.max_pixels)
             if img is not None:
                 return img
         raise ImageFileError("no decodable image left in this split")
@@ -176,6 +181,8 @@ class GPSRDataModule(L.LightningDataModule):
             noise-free LR. Training steps use the HR images only, so this changes what
             validation and evaluation are given (docs/method.md §10).
         lr_quantize: round the LR images to 8 bits (what a saved PNG does), after the noise.
+        max_pixels: files whose header claims more pixels are refused as decompression bombs
+            (None: Pillow's limit, 89,478,485); raise it for real photos this large.
     """
 
     def __init__(
@@ -204,9 +211,16 @@ class GPSRDataModule(L.LightningDataModule):
         demo_zoom: float = 4.0,
         lr_noise: float = 0.0,
         lr_quantize: bool = False,
+        max_pixels: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
+        if max_pixels is not None and (
+            isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
+        ):
+            raise ConfigError(
+                f"data.max_pixels must be a positive number of pixels or null, got {max_pixels!r}"
+            )
         if (
             isinstance(lr_noise, bool)
             or not isinstance(lr_noise, (int, float))
@@ -246,6 +260,7 @@ class GPSRDataModule(L.LightningDataModule):
         self.demo_count, self.demo_val, self.demo_test = demo_count, demo_val, demo_test
         self.demo_zoom, self.seed = demo_zoom, seed
         self.lr_noise, self.lr_quantize = float(lr_noise), lr_quantize
+        self.max_pixels = max_pixels
         self.items: dict[str, Sequence[Path] | torch.Tensor] = {}
         self.train_patches: RandomPatches | None = None
 
@@ -255,7 +270,7 @@ class GPSRDataModule(L.LightningDataModule):
         kept = []
         for path in files:
             try:
-                w, h = read_header(path)
+                w, h = read_header(path, self.max_pixels)
             except ImageFileError as err:
                 if not self.skip_corrupt:
                     raise ImageFileError(f"{err}; remove it or set data.skip_corrupt=true") from err
@@ -274,7 +289,7 @@ class GPSRDataModule(L.LightningDataModule):
     def _decodes(self, path: Path) -> bool:
         """Whether a file decodes in full (warns and returns False if not)."""
         try:
-            decode_rgb(path)
+            decode_rgb(path, self.max_pixels)
         except ImageFileError as err:
             log.warning("skipping %s", err)
             return False
@@ -287,7 +302,8 @@ class GPSRDataModule(L.LightningDataModule):
         out = [
             img
             for p in files
-            if (img := load_or_skip(p, self.size, self.skip_corrupt, mode)) is not None
+            if (img := load_or_skip(p, self.size, self.skip_corrupt, mode, self.max_pixels))
+            is not None
         ]
         if not out:
             raise ImageFileError("data.cache: no decodable images")
@@ -355,6 +371,7 @@ class GPSRDataModule(L.LightningDataModule):
             lr_noise=self.lr_noise,
             lr_quantize=self.lr_quantize,
             noise_seed=self.seed,
+            max_pixels=self.max_pixels,
         )
 
     # ------------------------------------------------------------------ loaders

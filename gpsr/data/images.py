@@ -10,12 +10,16 @@ Rules (README "Data"):
   (random patches in training, the centre in evaluation); a smaller one is an error naming
   the file (or skipped with `data.skip_small=true`);
 - a file that cannot be decoded (corrupt, truncated, not an image, or a header claiming
-  more pixels than Pillow's decompression-bomb limit) is an error naming the file (or
-  skipped with a warning with `data.skip_corrupt=true`).
+  more pixels than the decompression-bomb limit) is an error naming the file (or skipped
+  with a warning with `data.skip_corrupt=true`). The limit is Pillow's
+  `Image.MAX_IMAGE_PIXELS` (89,478,485 pixels, about 9459 x 9459) unless `data.max_pixels`
+  (or `max_pixels=` for `gpsr.sample`) says otherwise; it is refused at the limit itself
+  (Pillow alone only warns up to twice it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +66,29 @@ def find_images(root: str | Path, setting: str = "data.root") -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _opened(path: Path, max_pixels: int | None):
+    """`Image.open(path)`, refused as a decompression bomb when its header claims more than
+    `max_pixels` pixels (None: Pillow's `Image.MAX_IMAGE_PIXELS`). Pillow's own guard is held
+    off while the file is opened here, so the limit is exactly this one."""
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        w, h = img.size
+        if limit and w * h > limit:
+            raise ImageFileError(
+                f"{path}: refused as a decompression bomb: its header claims {w}x{h} = "
+                f"{w * h:,} pixels, more than the limit of {limit:,} (for a real image this "
+                f"large raise data.max_pixels, or max_pixels= for gpsr.sample)"
+            )
+        yield img
+
+
 def _ends_whole(path: Path, fmt: str | None) -> bool:
     """Whether the file ends where its format says it does (a truncated download or copy
     does not): PNG's IEND chunk, JPEG's end-of-image marker (entropy-coded data never holds
@@ -82,24 +109,26 @@ def _ends_whole(path: Path, fmt: str | None) -> bool:
     return True
 
 
-def read_header(path: Path) -> tuple[int, int]:
+def read_header(path: Path, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the file header, without decoding pixels; a file cut short
-    (`_ends_whole`) is refused here too, so it is found before any training."""
+    (`_ends_whole`) or claiming more than `max_pixels` pixels (`_opened`) is refused here
+    too, so it is found before any training."""
     try:
-        with Image.open(path) as img:
+        with _opened(path, max_pixels) as img:
             if not _ends_whole(path, img.format):
                 raise ImageFileError(f"{path}: truncated (the file ends before its image does)")
             return img.size
-    except Image.DecompressionBombError as err:
-        raise ImageFileError(f"{path}: refused as a decompression bomb ({err})") from err
+    except ImageFileError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageFileError(f"{path}: not a readable image ({err})") from err
 
 
-def decode_rgb(path: Path) -> torch.Tensor:
-    """Decode a file to uint8 RGB: -> (3, H, W) uint8, following the module's rules."""
+def decode_rgb(path: Path, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode a file to uint8 RGB: -> (3, H, W) uint8, following the module's rules (at
+    most `max_pixels` pixels, `_opened`)."""
     try:
-        with Image.open(path) as img:
+        with _opened(path, max_pixels) as img:
             img.load()
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -117,8 +146,6 @@ def decode_rgb(path: Path) -> torch.Tensor:
                 arr = np.asarray(img.convert("RGB"))
     except ImageFileError:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageFileError(f"{path}: refused as a decompression bomb ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageFileError(f"{path}: cannot be decoded ({err})") from err
     return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
@@ -166,6 +193,8 @@ def crop_square(img: torch.Tensor, size: int, mode: str, name: str = "image") ->
     return img[:, top : top + size, left : left + size]
 
 
-def load_image(path: Path, size: int, crop: str = "resize") -> torch.Tensor:
+def load_image(
+    path: Path, size: int, crop: str = "resize", max_pixels: int | None = None
+) -> torch.Tensor:
     """Decode, convert and crop one file (`crop_square`): -> (3, size, size) uint8."""
-    return crop_square(decode_rgb(path), size, crop, name=str(path))
+    return crop_square(decode_rgb(path, max_pixels), size, crop, name=str(path))

@@ -113,20 +113,30 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """torch.load with `weights_only=True`; missing, truncated or tampered files raise CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = _unpickling_detail(err)
+        if "GLOBAL" in detail:  # a class or function the safe loader will not import
+            raise CheckpointError(
+                f"checkpoint {path} was refused by the safe loader (weights_only=True): it "
+                f"asks to load code or objects other than tensors and plain containers, so it "
+                f"was not written by gpsr or was tampered with ({detail}); it was not run"
+            ) from err
         raise CheckpointError(
-            f"checkpoint {path} was refused by the safe loader (weights_only=True): it holds "
-            f"objects other than tensors and plain containers, so it may have been tampered "
-            f"with ({first})"
+            f"checkpoint {path} is not a readable checkpoint: its content is damaged or it is "
+            f"another kind of file ({detail})"
         ) from err
     except Exception as err:  # noqa: BLE001 - any failure to deserialize is a damaged file
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from err
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is truncated, damaged or not a checkpoint "
+            f"({first})"
+        ) from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(
             f"checkpoint {path} is not a gpsr checkpoint (got {type(ckpt).__name__})"
@@ -144,6 +154,19 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                 f"was saved (damaged, truncated or edited)"
             )
     return ckpt
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """What the safe loader refused, without torch's advice around it (which suggests
+    `weights_only=False`: never to be followed for a file one did not write)."""
+    keep = [
+        line.strip()
+        for line in str(err).splitlines()
+        if line.strip()
+        and not line.startswith(("Weights only load failed", "Please file an issue", "Check the"))
+    ]
+    text = " ".join(keep).replace("WeightsUnpickler error: ", "")
+    return text or type(err).__name__
 
 
 def check_gpsr_checkpoint(
@@ -167,8 +190,15 @@ def check_gpsr_checkpoint(
 
 def checkpoint_step(path: str | Path) -> int:
     """The training step a checkpoint holds (`global_step`), read without loading its
-    tensors into memory (mmap, weights_only)."""
-    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    tensors into memory (mmap, weights_only). A file that cannot be read so is refused by
+    `load_checkpoint`, in one line saying why (a CheckpointError)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the guarded loader says what is wrong with the file
+        load_checkpoint(path)
+        raise
+    if not isinstance(data, dict):
+        load_checkpoint(path)  # not a checkpoint: refused there, with the reason
     return int(data.get("global_step", 0))
 
 
