@@ -39,7 +39,7 @@ from gpsr.loading import FORMAT_VERSION, ddpm_hyper_parameters, sub_state
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.unet import UNet
 from gpsr.utils.checkpoint import CheckpointError, atomic_save, checkpoint_digest
-from gpsr.utils.cli import CONFIG_DIR, preflight, report_errors
+from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.convert")
@@ -297,6 +297,7 @@ def convert(cfg: DictConfig) -> Path:
         raise ConfigError(f"release={src} does not exist")
     if out.exists():
         raise ConfigError(f"out={out} already exists; choose another name or remove it")
+    check_output_dir(out.parent, setting="out=")  # before the release is read and converted
     try:
         release = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets one line

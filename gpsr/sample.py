@@ -14,7 +14,9 @@ line naming it; the rest go on.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +34,15 @@ from gpsr.models.gpsr import GPSR
 from gpsr.tiling import Tiling
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device
-from gpsr.utils.errors import ConfigError, GPSRError, InputNotFoundError, OutputError
+from gpsr.utils.errors import (
+    NO_SPACE,
+    NOT_WRITABLE,
+    ConfigError,
+    GPSRError,
+    InputNotFoundError,
+    OutputError,
+    os_error_in_chain,
+)
 
 log = logging.getLogger("gpsr.sample")
 
@@ -250,18 +260,50 @@ def process_one(
 
 def write_outputs(samples: torch.Tensor, outs: list[Path], save_float: bool) -> None:
     """Write K samples (K, C, H, W) in [0, 1] to the planned files: PNGs (and for K > 1 the
-    per-pixel standard deviation, scaled to its maximum), and float32 .npy twins."""
+    per-pixel standard deviation, scaled to its maximum), and float32 .npy twins.
+
+    All or nothing: every file is written to a temporary file beside it first and renamed
+    only once all are complete, so a full or read-only disk leaves no partial file and
+    nothing of this image (an OutputError in one line; a rerun is not blocked)."""
     images = list(samples)
     floats = list(samples)
     if samples.shape[0] > 1:
         std = samples.std(0)
         images.append(std / std.max().clamp(min=1e-8))
         floats.append(std)
-    for img_out, target in zip(images, [o for o in outs if o.suffix == ".png"]):
-        Image.fromarray(_to_uint8(img_out)).save(target)
+    jobs = [
+        (target, lambda fh, x=img: Image.fromarray(_to_uint8(x)).save(fh, format="PNG"))
+        for img, target in zip(images, [o for o in outs if o.suffix == ".png"])
+    ]
     if save_float:
-        for arr, target in zip(floats, [o for o in outs if o.suffix == ".npy"]):
-            np.save(target, arr.permute(1, 2, 0).cpu().numpy().astype(np.float32))
+        jobs += [
+            (
+                target,
+                lambda fh, x=arr: np.save(fh, x.permute(1, 2, 0).cpu().numpy().astype(np.float32)),
+            )
+            for arr, target in zip(floats, [o for o in outs if o.suffix == ".npy"])
+        ]
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for target, write in jobs:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            temps.append((Path(tmp), target))
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    except Exception as err:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        full = os_error_in_chain(err, NO_SPACE)
+        denied = os_error_in_chain(err, NOT_WRITABLE)
+        if full is None and denied is None:
+            raise
+        why = "no space left on its disk" if full is not None else "the folder is not writable"
+        raise OutputError(
+            f"cannot write {jobs[0][0].parent}/{jobs[0][0].stem}...: {why}; nothing of this "
+            f"image was written (free space or choose another output=)"
+        ) from None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")

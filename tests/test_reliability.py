@@ -468,21 +468,103 @@ def test_truncated_jpeg_is_found_before_training_and_worker_errors_are_one_line(
     )
 
 
+def _raised_while_handling(outer: Exception, inner: OSError) -> Exception:
+    """`outer` raised while `inner` was handled (it sits in outer's __context__), as torch's
+    zip writer reports a full disk: "unexpected pos ..." with the ENOSPC behind it."""
+    try:
+        try:
+            raise inner
+        except OSError:
+            raise outer  # noqa: B904 - the OSError stays in outer's __context__
+    except Exception as err:  # noqa: BLE001
+        return err
+
+
 @pytest.mark.parametrize(
-    "failure",
-    [OSError(28, "No space left on device"), RuntimeError("[enforce fail] file write failed")],
+    "failure,message",
+    [
+        (OSError(28, "No space left on device"), "no space left"),
+        (RuntimeError("[enforce fail] file write failed"), "no space left"),
+        (
+            _raised_while_handling(
+                RuntimeError("unexpected pos 64 vs 0"), OSError(28, "No space left on device")
+            ),
+            "no space left",
+        ),
+        (
+            _raised_while_handling(
+                RuntimeError("unexpected pos 0 vs 8"), OSError(30, "Read-only file system")
+            ),
+            "Read-only file system",
+        ),
+    ],
+    ids=["enospc", "write-failed", "enospc-in-context", "read-only-in-context"],
 )
 def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_file(
-    tmp_path, monkeypatch, failure
+    tmp_path, monkeypatch, failure, message
 ):
     def full(obj, fh):
         fh.write(b"partial")
         raise failure
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OutputError, match=r"cannot write checkpoint .*last.ckpt: no space left"):
+    with pytest.raises(OutputError, match=rf"cannot write checkpoint .*last.ckpt: {message}"):
         atomic_save({"x": 1}, tmp_path / "last.ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_writes_each_image_whole_or_not_at_all(tmp_path, ddpm_ckpt, monkeypatch, capsys):
+    """A full disk in the middle of an image's outputs (its third file): nothing of that
+    image is left (no partial file, no temporary file, no complete sibling that would block
+    a rerun), one line names it, and the next image is written once space is back."""
+    from PIL import Image as PILImage
+
+    from gpsr.sample import sample_images
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "a.png", size=(4, 4))
+    _png(src / "b.png", size=(4, 4), seed=1)
+    save, calls = PILImage.Image.save, []
+
+    def flaky(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 3:  # a.png's std map, after its two samples
+            fp.write(b"partial")
+            raise _raised_while_handling(OSError("write error"), OSError(28, "No space left"))
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", flaky)
+    sampler = {"steps": 1, "eta": 1.0, "samples": 2, "project": False, "spacing": "linspace"}
+    out = tmp_path / "o"
+    cfg = _sample_cfg(
+        ckpt=str(ddpm_ckpt), input=str(src), output=str(out), sampler=sampler, save_float=True
+    )
+    assert sample_images(cfg) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.png" in err[0] and "no space left" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"b_{kind}" for kind in ("sr0.png", "sr1.png", "std.png", "sr0.npy", "sr1.npy", "std.npy")
+    )
+    assert np.load(out / "b_sr1.npy").shape == (32, 32, 3)
+
+
+def test_convert_checks_its_output_folder_before_converting(tmp_path, monkeypatch, capsys):
+    from gpsr import convert as convert_module
+    from gpsr.convert import convert
+    from gpsr.utils.cli import report_errors
+
+    monkeypatch.setattr(convert_module.torch, "load", lambda *a, **k: pytest.fail("read first"))
+    (tmp_path / "release.pt").write_bytes(b"x")
+    (tmp_path / "afile").write_text("in the way")
+    cfg = compose_cfg(
+        [f"release={tmp_path / 'release.pt'}", f"out={tmp_path / 'afile' / 'x.ckpt'}"],
+        name="convert",
+    )
+    with pytest.raises(SystemExit):
+        report_errors(convert)(cfg)
+    err = capsys.readouterr().err
+    assert "not writable" in err and "set out= to a writable place" in err
 
 
 def test_an_image_too_large_without_tiling_is_one_line_and_the_rest_go_on(

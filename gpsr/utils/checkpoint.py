@@ -14,7 +14,6 @@ checkpoint without a seal is refused as well.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gpsr.utils.errors import GPSRError, OutputError
+from gpsr.utils.errors import NO_SPACE, NOT_WRITABLE, GPSRError, OutputError, os_error_in_chain
 
 __all__ = [
     "CheckpointError",
@@ -97,8 +96,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        no_space = isinstance(err, OSError) and err.errno == errno.ENOSPC
-        # torch's zip writer reports a full disk as a RuntimeError ("file write failed").
+        # torch's zip writer reports a full disk as a RuntimeError ("file write failed", or
+        # "unexpected pos" with the OSError only in its context): found by errno in the chain.
+        no_space = os_error_in_chain(err, NO_SPACE) is not None
         no_space |= isinstance(err, RuntimeError) and "write failed" in str(err)
         if no_space:
             free = shutil.disk_usage(path.parent).free
@@ -106,6 +106,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
                 f"cannot write checkpoint {path}: no space left on its disk "
                 f"({free / 2**20:.0f} MiB free); free space or move paths.log_dir (the "
                 f"checkpoints already written are intact)"
+            ) from None
+        if (denied := os_error_in_chain(err, NOT_WRITABLE)) is not None:
+            raise OutputError(
+                f"cannot write checkpoint {path}: {denied.strerror or denied} (the folder is "
+                f"read-only or not yours); choose a writable place"
             ) from None
         raise
 

@@ -8,6 +8,8 @@ like keep working.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "GPSRError",
     "ConfigError",
@@ -15,7 +17,26 @@ __all__ = [
     "OutputError",
     "TooLargeError",
     "NonFiniteOutputError",
+    "os_error_in_chain",
+    "NO_SPACE",
+    "NOT_WRITABLE",
 ]
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def os_error_in_chain(err: BaseException, codes: tuple[int, ...]) -> OSError | None:
+    """The first OSError whose errno is one of `codes` in `err`'s chain of causes and
+    contexts (torch and PIL may report a full disk as another error raised while handling
+    the OSError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in codes:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class GPSRError(Exception):
