@@ -22,9 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpsr.configs import register as register_schemas
 from gpsr.utils.checkpoint import checkpoint_step, find_last_checkpoint
-from gpsr.utils.cli import CONFIG_DIR, check_output_dir, lock_run_dir, preflight, report_errors
+from gpsr.utils.cli import (
+    CONFIG_DIR,
+    check_output_dir,
+    first_process,
+    lock_run_dir,
+    preflight,
+    report_errors,
+)
 from gpsr.utils.errors import InputNotFoundError
-from gpsr.utils.loggers import ResumableCSVLogger
+from gpsr.utils.loggers import RUN_ID_FILE, ResumableCSVLogger
 
 log = logging.getLogger("gpsr.train")
 
@@ -73,6 +80,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{sum(p.numel() for p in module.trainable_parameters()):,}",
     )
 
+    # Where the run starts decides the loggers' history: a resume continues it, a fresh
+    # start (no checkpoint yet, even in the folder of a run killed before its first one)
+    # begins a new one: a new W&B run, and the CSV rows of the killed run are dropped.
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    step = checkpoint_step(ckpt_path) if ckpt_path else 0
+    if not ckpt_path and first_process():
+        (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to send learning rates to (Lightning refuses)
@@ -83,12 +97,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
-    if ckpt_path:
-        step = checkpoint_step(ckpt_path)
-        for lg in loggers:
-            if isinstance(lg, ResumableCSVLogger):
-                lg.resume_at(step)
+    for lg in loggers:
+        if isinstance(lg, ResumableCSVLogger):
+            lg.resume_at(step)  # step 0: a fresh history
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _plain(trainer.callback_metrics)
     if cfg.test_after_fit and not datamodule.has_split("test"):

@@ -224,6 +224,29 @@ def test_csv_history_continues_after_resume(tmp_path):
     assert "val/psnr" in rows[0]  # the header keeps every column
 
 
+def test_a_fresh_start_begins_a_fresh_history(tmp_path):
+    """A run killed before its first checkpoint left rows in metrics.csv and a W&B run id;
+    started again with ckpt_path=auto there is nothing to resume, so the new run is a new
+    history: none of the killed run's rows stay (they would repeat its first steps), and the
+    W&B run id is not reused."""
+    import csv
+
+    from gpsr.train import train
+    from tests.helpers import FAST
+
+    out = tmp_path / "run"
+    (out / "csv").mkdir(parents=True)
+    with open(out / "csv" / "metrics.csv", "w", newline="") as fh:
+        fh.write("step,train/loss\n0,12345.0\n1,12345.0\n")
+    (out / "wandb_run_id.txt").write_text("killedrun01")
+    train(compose_cfg(["stage=flow", "logger=csv", "ckpt_path=auto", *FAST], output_dir=out))
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    assert rows and all(r["train/loss"] != "12345.0" for r in rows)
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == sorted(set(steps))  # one row per logged step
+    assert not (out / "wandb_run_id.txt").exists()
+
+
 # ------------------------------------------------------------------ errors: by type, not path
 def test_errors_are_classified_by_type_not_by_path(tmp_path, monkeypatch, capsys):
     from gpsr.utils.cli import report_errors

@@ -22,6 +22,7 @@ __all__ = [
     "CONFIG_DIR",
     "check_output_dir",
     "lock_run_dir",
+    "first_process",
     "report_errors",
     "finish_wandb",
     "preflight",
@@ -147,14 +148,21 @@ def check_output_dir(
 _LOCKS: dict[Path, object] = {}
 
 
+def first_process() -> bool:
+    """Whether this is the first process of a run (environment RANK / SLURM_PROCID /
+    LOCAL_RANK unset or 0): the one that owns the run folder's files."""
+    return all(
+        int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK")
+    )
+
+
 def lock_run_dir(path: str | Path) -> None:
     """Hold `<path>/.gpsr.lock` until this process ends, or refuse in one line while another
     run holds it. An flock: the kernel releases it when its process dies, even by SIGKILL,
     so a killed run never leaves the folder locked. Only the first process of a run takes
-    it (environment RANK / SLURM_PROCID / LOCAL_RANK unset or 0)."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if int(os.environ.get(key, "0") or 0) != 0:
-            return
+    it (`first_process`)."""
+    if not first_process():
+        return
     path = Path(path).resolve()
     if path in _LOCKS:
         return
