@@ -410,6 +410,17 @@ def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
         with pytest.raises(OutputError, match=r"in use by another gpsr run \(pid \d+\)"):
             train(cfg)
         assert not (tmp_path / "checkpoints").exists()
+        # From the command line it is refused before Hydra writes the run's record, so the
+        # running run's .hydra/config.yaml survives.
+        (tmp_path / ".hydra").mkdir()
+        (tmp_path / ".hydra" / "config.yaml").write_text("the running run's settings\n")
+        proc = run_cli(
+            "train", "stage=flow", "logger=csv", f"hydra.run.dir={tmp_path}", cwd=tmp_path,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "in use by another gpsr run (pid" in proc.stderr
+        assert (tmp_path / ".hydra" / "config.yaml").read_text() == "the running run's settings\n"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

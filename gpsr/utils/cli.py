@@ -23,6 +23,7 @@ __all__ = [
     "check_output_dir",
     "lock_run_dir",
     "first_process",
+    "run_dir_owner",
     "report_errors",
     "finish_wandb",
     "preflight",
@@ -187,9 +188,27 @@ def lock_run_dir(path: str | Path) -> None:
 OUTPUT_OVERRIDES = ("hydra.run.dir=", "hydra.sweep.dir=", "paths.log_dir=", "paths.root_dir=")
 
 
+def run_dir_owner(path: str | Path) -> str | None:
+    """Who holds the run lock of `path` (`lock_run_dir`), or None when no live process does
+    (the lock is only tested, never kept)."""
+    lock = Path(path) / ".gpsr.lock"
+    if Path(path).resolve() in _LOCKS or not lock.is_file():
+        return None
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def preflight(argv: list[str]) -> None:
     """Before Hydra creates the run folder: refuse, in one line, an output path that cannot
-    be created (a file in the way, or a read-only place)."""
+    be created (a file in the way, or a read-only place), or a run folder that a live gpsr
+    run holds (Hydra would otherwise replace that run's `.hydra` record before the run lock
+    refuses this one)."""
     for arg in argv:
         for key in OUTPUT_OVERRIDES:
             if not arg.startswith(key):
@@ -197,6 +216,13 @@ def preflight(argv: list[str]) -> None:
             path = Path(arg[len(key) :]).expanduser()
             if "${" in str(path):
                 continue
+            if key == "hydra.run.dir=" and (owner := run_dir_owner(path)) is not None:
+                print(
+                    f"gpsr: error: run folder {path} is in use by another gpsr run ({owner}); "
+                    f"wait for it to end or choose another hydra.run.dir",
+                    file=sys.stderr,
+                )
+                raise SystemExit(1)
             probe = path
             while not probe.exists() and probe.parent != probe:
                 probe = probe.parent
