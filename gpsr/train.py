@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gpsr.configs import check_setting_types
 from gpsr.configs import register as register_schemas
 from gpsr.utils.checkpoint import checkpoint_step, find_last_checkpoint
 from gpsr.utils.cli import (
@@ -63,6 +64,7 @@ def _plain(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) one stage as configured; returns the final validation/test metrics."""
+    check_setting_types(cfg)
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
     lock_run_dir(output_dir)

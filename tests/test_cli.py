@@ -220,6 +220,7 @@ def test_sample_cli_processes_good_files_and_names_bad_ones(tmp_path, ddpm_ckpt)
             "checkpoint /nonexistent.ckpt does not exist",
         ),
         (["scale=3", "data.size=30"], "flow scale must be an even integer"),
+        (["trainer.max_steps=abc"], "trainer.max_steps must be an integer, got 'abc'"),
     ],
 )
 def test_config_errors_are_one_clear_line(tmp_path, args, message):

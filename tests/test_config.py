@@ -253,3 +253,42 @@ def test_each_setting_default_is_stated_once():
     assert stage.ema_decay == 0.5 and stage.diagnostic_buckets == 10
     data = compose_cfg(["data=folder", "data.root=/r", "data.skip_small=true"]).data
     assert data.skip_small is True and data.eval_batch_size == 32 and data.val_fraction == 0.05
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps must be an integer, got 'abc'"),
+        ("trainer.val_check_interval=often", "trainer.val_check_interval must be a number"),
+        ("stage.module.optimizer.lr=abc", "stage.module.optimizer.lr must be a number"),
+        ("stage.module.grad_clip=big", "stage.module.grad_clip must be a number, got 'big'"),
+        ("stage.module.ema_decay=slow", "stage.module.ema_decay must be a number"),
+        ("data.cache=maybe", "data.cache must be true or false, got 'maybe'"),
+        ("stage.module.max_skipped_steps=2.5", "stage.module.max_skipped_steps must be an integer"),
+    ],
+)
+def test_mistyped_settings_are_refused_by_name_before_anything_is_built(
+    tmp_path, override, message
+):
+    """A word where gpsr.train needs a number (or the reverse) is one ConfigError naming
+    the setting, checked on the composed config against the types of the defaults."""
+    from gpsr.train import train
+    from gpsr.utils.errors import ConfigError
+
+    cfg = compose_cfg(["stage=ddpm", "flow_ckpt=x.ckpt", override], output_dir=tmp_path / "r")
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert message in str(err.value)
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made
+
+
+def test_every_shipped_config_passes_the_type_check(tmp_path):
+    from gpsr.configs import check_setting_types
+
+    for stage in _options("stage"):
+        for extra in ([], *([f"experiment={e}"] for e in _options("experiment"))):
+            cfg = compose_cfg(
+                [f"stage={stage}", "flow_ckpt=x.ckpt", "data.root=/r", *extra],
+                output_dir=tmp_path,
+            )
+            check_setting_types(cfg)
