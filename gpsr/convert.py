@@ -303,6 +303,11 @@ def convert(cfg: DictConfig) -> Path:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
         with open(src, "rb") as fh:
             magic = fh.read(2)
+        if magic == b"PK" and not zipfile.is_zipfile(src):
+            raise CheckpointError(
+                f"{src} is a damaged or truncated zip archive (torch's checkpoint format): "
+                f"copy or download the release's .pt file again"
+            ) from None
         if not zipfile.is_zipfile(src) and magic[:1] != b"\x80":
             raise CheckpointError(
                 f"{src} is not a torch checkpoint (neither a zip archive nor a pickle); "

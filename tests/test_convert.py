@@ -512,6 +512,11 @@ def test_bad_release_files_get_one_line(release, tmp_path, capsys):
     assert "junk.pt is not a torch checkpoint (neither a zip archive nor a pickle)" in (
         capsys.readouterr().err
     )
+    torch.save({"model_state_dict": {"x": torch.zeros(64)}}, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert convert_cli(f"release={tmp_path / 'cut.pt'}", f"out={tmp_path / 'c.ckpt'}") == 1
+    assert "cut.pt is a damaged or truncated zip archive" in capsys.readouterr().err
     torch.save({"model_state_dict": object.__new__(json.JSONDecoder)}, tmp_path / "evil.pt")
     assert convert_cli(f"release={tmp_path / 'evil.pt'}", f"out={tmp_path / 'z.ckpt'}") == 1
     assert "weights_only=True" in capsys.readouterr().err

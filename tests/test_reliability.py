@@ -798,3 +798,23 @@ def test_sample_refuses_an_input_folder_without_files_and_says_where_images_are(
     _png(empty / "sub" / "a.png")
     with pytest.raises(InputNotFoundError, match="subfolders hold 1 image"):
         sample_images(_sample_cfg(input=str(empty), output=str(tmp_path / "o")))
+
+
+def test_sample_warns_when_the_projection_stops_short(tmp_path, ddpm_ckpt, capsys):
+    """A black-and-white checkerboard LR image at 8x: no image in [0, 1] degrades to it, so
+    the projection cannot reach it; gpsr.sample writes the closest image and says so."""
+    from gpsr.sample import sample_images
+
+    src = tmp_path / "in"
+    src.mkdir()
+    board = ((np.arange(4)[:, None] + np.arange(4)[None]) % 2 * 255).astype("uint8")
+    Image.fromarray(np.repeat(board[..., None], 3, axis=-1)).save(src / "board.png")
+    _png(src / "fine.png", size=(4, 4))
+    sampler = {"steps": 1, "eta": 1.0, "samples": 1, "project": True, "spacing": "linspace"}
+    cfg = _sample_cfg(
+        ckpt=str(ddpm_ckpt), input=str(src), output=str(tmp_path / "o"), sampler=sampler
+    )
+    assert sample_images(cfg) == 0
+    err = capsys.readouterr().err
+    assert "warning: board.png: the projection stopped short" in err and "fine.png" not in err
+    assert (tmp_path / "o" / "board_sr.png").is_file()
