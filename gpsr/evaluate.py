@@ -315,7 +315,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = GPSR.load(
         cfg.ckpt, device=pick_device(cfg.device), ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt")
     )
-    model.noise_level(torch.zeros(1, model.flow.channels, 1, 1), cfg.sampler.get("sigma_y", 0.0))
+    model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
     with open_dict(cfg):
         if cfg.scale is None:
             cfg.scale = model.scale

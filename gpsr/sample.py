@@ -14,9 +14,7 @@ line naming it; the rest go on.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from gpsr.diffusion import SPACINGS
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
 from gpsr.models.gpsr import GPSR
 from gpsr.tiling import Tiling
+from gpsr.utils.checkpoint import write_atomically
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device
 from gpsr.utils.errors import (
@@ -171,8 +170,7 @@ def sample_images(cfg: DictConfig) -> int:
     prepare_output(out_dir)
     device = pick_device(cfg.device)
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
-    sigma_y = cfg.sampler.get("sigma_y", 0.0)
-    model.noise_level(torch.zeros(1, model.flow.channels, 1, 1), sigma_y)  # fail early
+    model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
     steps = cfg.sampler.steps
     if model.unet is None and steps > 0:
         log.warning(
@@ -275,8 +273,7 @@ def write_outputs(samples: torch.Tensor, outs: list[Path], save_float: bool) -> 
     """Write K samples (K, C, H, W) in [0, 1] to the planned files: PNGs (and for K > 1 the
     per-pixel standard deviation, scaled to its maximum), and float32 .npy twins.
 
-    All or nothing: every file is written to a temporary file beside it first and renamed
-    only once all are complete, so a full or read-only disk leaves no partial file and
+    All or nothing (`write_atomically`): a full or read-only disk leaves no partial file and
     nothing of this image (an OutputError in one line; a rerun is not blocked)."""
     images = list(samples)
     floats = list(samples)
@@ -296,18 +293,9 @@ def write_outputs(samples: torch.Tensor, outs: list[Path], save_float: bool) -> 
             )
             for arr, target in zip(floats, [o for o in outs if o.suffix == ".npy"])
         ]
-    temps: list[tuple[Path, Path]] = []
     try:
-        for target, write in jobs:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            temps.append((Path(tmp), target))
-            with os.fdopen(fd, "wb") as fh:
-                write(fh)
-        for tmp, target in temps:
-            os.replace(tmp, target)
+        write_atomically(jobs)
     except Exception as err:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
         full = os_error_in_chain(err, NO_SPACE)
         denied = os_error_in_chain(err, NOT_WRITABLE)
         if full is None and denied is None:

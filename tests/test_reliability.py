@@ -581,6 +581,9 @@ def test_sample_writes_each_image_whole_or_not_at_all(tmp_path, ddpm_ckpt, monke
         f"b_{kind}" for kind in ("sr0.png", "sr1.png", "std.png", "sr0.npy", "sr1.npy", "std.npy")
     )
     assert np.load(out / "b_sr1.npy").shape == (32, 32, 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "b_sr0.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it
 
 
 def test_convert_checks_its_output_folder_before_converting(tmp_path, monkeypatch, capsys):

@@ -237,6 +237,11 @@ class GPSR(nn.Module):
                 )
         return sig
 
+    def check_sigma_y(self, sigma_y: float | str) -> None:
+        """Refuse a `sampler.sigma_y` this model cannot use (`noise_level`'s rules) before
+        any image is read."""
+        self.noise_level(torch.zeros(1, self.flow.channels, 1, 1, device=self.device), sigma_y)
+
     def _require_noise_model(self, what: str) -> None:
         if self.noise is None:
             raise ConfigError(

@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "AtomicCheckpointIO",
     "atomic_save",
+    "write_atomically",
     "load_checkpoint",
     "check_gpsr_checkpoint",
     "find_last_checkpoint",
@@ -79,23 +81,39 @@ def _umask() -> int:
     return mask
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any point leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def write_atomically(jobs: list[tuple[Path, Callable[[Any], None]]]) -> None:
+    """Write files all or nothing: each `write(fh)` goes to a temporary file beside its
+    target, which is fsynced and given the mode `open()` would (the umask); only when every
+    one is complete are they renamed over their targets. A failure (or a kill) at any point
+    leaves no partial file and, before the renames, none of the new files; the error is
+    raised as it came (the callers say what it means)."""
+    temps: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        os.replace(tmp, path)
+        for target, write in jobs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            temps.append((Path(tmp), target))
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`
+    (`write_atomically`): a crash at any point leaves either the old file or the new one,
+    never a partial file."""
+    path = Path(path)
+    try:
+        write_atomically([(path, lambda fh: torch.save(obj, fh))])
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
         # torch's zip writer reports a full disk as a RuntimeError ("file write failed", or
         # "unexpected pos" with the OSError only in its context): found by errno in the chain.
         no_space = os_error_in_chain(err, NO_SPACE) is not None
