@@ -216,7 +216,13 @@ def preflight(argv: list[str]) -> None:
             path = Path(arg[len(key) :]).expanduser()
             if "${" in str(path):
                 continue
-            if key == "hydra.run.dir=" and (owner := run_dir_owner(path)) is not None:
+            # Only a run's first process: the others (DDP ranks started with the same
+            # command) belong to the run that holds the lock.
+            if (
+                key == "hydra.run.dir="
+                and first_process()
+                and (owner := run_dir_owner(path)) is not None
+            ):
                 print(
                     f"gpsr: error: run folder {path} is in use by another gpsr run ({owner}); "
                     f"wait for it to end or choose another hydra.run.dir",
