@@ -384,10 +384,13 @@ def test_noise_settings_errors_are_one_line(tmp_path, ddpm_ckpt, noise_ckpt):
 
     err = fails("evaluate", f"ckpt={ddpm_ckpt}", "sampler.sigma_y=0.05")
     assert "gpsr: error: sampler.sigma_y=0.05 needs the LR noise model: set noise_ckpt=" in err
-    err = fails("evaluate", f"ckpt={noise_ckpt}")
-    assert "is the LR noise model (a stage=noise checkpoint): give it as noise_ckpt=" in err
-    err = fails("evaluate", f"ckpt={ddpm_ckpt}", f"noise_ckpt={ddpm_ckpt}", "sampler.sigma_y=auto")
-    assert "is a 'ddpm' checkpoint, but a 'noise' checkpoint is needed" in err
+    # The wrong checkpoint in either place: the same one-line errors, checked in-process.
+    from gpsr.utils.checkpoint import CheckpointError
+
+    with pytest.raises(ConfigError, match="is the LR noise model .* give it as noise_ckpt="):
+        GPSR.load(noise_ckpt)
+    with pytest.raises(CheckpointError, match="is a 'ddpm' checkpoint, but a 'noise' checkpoint"):
+        GPSR.load(ddpm_ckpt, noise_ckpt=ddpm_ckpt)
     err = fails("sample", f"ckpt={ddpm_ckpt}", "input=x.png", "data.lr_noise=0.05")
     assert "gpsr.sample super-resolves LR images as given" in err and "sampler.sigma_y" in err
 

@@ -428,6 +428,35 @@ def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
     lock_run_dir(tmp_path)  # free again
 
 
+def test_preflight_leaves_a_runs_other_processes_to_it(tmp_path, monkeypatch):
+    """DDP ranks start with the run's own command and hydra.run.dir while its first process
+    holds the lock: preflight refuses a second run, never the run's other ranks."""
+    import subprocess
+    import sys
+
+    from gpsr.utils.cli import preflight
+    from tests.helpers import REPO
+
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time; from gpsr.utils.cli import lock_run_dir; "
+            "lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit):
+            preflight([f"hydra.run.dir={tmp_path}"])  # a second run
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        preflight([f"hydra.run.dir={tmp_path}"])  # the run's rank 1: goes on
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize(
     "setting,value,message",
     [
