@@ -82,14 +82,16 @@ def ssim_metric() -> SSIM:
 
 
 class _PerImageMean(Metric):
-    """Mean and maximum of a per-image value over images (float64 sums, reduced across DDP
-    processes); subclasses say what the value is (`values`) and its unit."""
+    """Mean and maximum of a per-image value over images of scale-`scale` SR (float64 sums,
+    reduced across DDP processes); subclasses compute the values in `update`, pass them to
+    `_add`, and set the unit they are reported in."""
 
     full_state_update = False
     unit = 1.0
 
-    def __init__(self, **kwargs):
+    def __init__(self, scale: int, **kwargs):
         super().__init__(**kwargs)
+        self.scale = scale
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("worst", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="max")
@@ -122,10 +124,6 @@ class Consistency(_PerImageMean):
     higher_is_better = False
     unit = CONSISTENCY_UNIT
 
-    def __init__(self, scale: int, **kwargs):
-        super().__init__(**kwargs)
-        self.scale = scale
-
     def update(self, sr: torch.Tensor, lr: torch.Tensor) -> None:
         self._add(per_image_consistency(sr, lr, self.scale))
 
@@ -142,10 +140,6 @@ class DiscrepancyRatio(_PerImageMean):
     """
 
     higher_is_better = False
-
-    def __init__(self, scale: int, **kwargs):
-        super().__init__(**kwargs)
-        self.scale = scale
 
     def update(self, sr: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> None:
         sig = sigma.to(device=sr.device, dtype=torch.float64).flatten()
@@ -201,8 +195,10 @@ class SRMetrics(nn.Module):
             self.discrepancy_ratio.update(sr, lr, sigma)
 
     def _extras(self) -> list[tuple[str, _PerImageMean]]:
-        pairs = [("consistency_clean", self.consistency_clean)]
-        pairs.append(("discrepancy_ratio", self.discrepancy_ratio))
+        pairs = (
+            ("consistency_clean", self.consistency_clean),
+            ("discrepancy_ratio", self.discrepancy_ratio),
+        )
         return [(name, m) for name, m in pairs if m is not None]
 
     def compute(self, worst: bool = False) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Reliability: no user file is ever overwritten, resume takes the newest good checkpoint,
 logs continue, and every bad input or setting is one line naming it."""
 
+import contextlib
 import os
 import re
 import struct
@@ -383,29 +384,42 @@ def test_evaluate_projects_flow_samples_when_steps_is_zero(tmp_path, ddpm_ckpt, 
 
 
 # ------------------------------------------------------------------ round 3
-def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
-    """A second run into the same folder is refused in one line while the first lives; a
-    SIGKILLed run leaves nothing locked."""
-    import signal
+@contextlib.contextmanager
+def _run_lock_held_elsewhere(path: Path):
+    """Another process holds `path`'s run lock (`lock_run_dir`) while the block runs; it is
+    killed with SIGKILL at the end (the kernel frees the lock)."""
     import subprocess
     import sys
-    import time
 
-    from gpsr.train import train
-    from gpsr.utils.cli import lock_run_dir
-    from tests.helpers import FAST, REPO, compose_cfg
+    from tests.helpers import REPO
 
     holder = subprocess.Popen(
         [
             sys.executable, "-c",
             "import sys, time; from gpsr.utils.cli import lock_run_dir; "
             "lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
-            str(tmp_path),
+            str(path),
         ],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
+    """A second run into the same folder is refused in one line while the first lives; a
+    SIGKILLed run leaves nothing locked."""
+    import time
+
+    from gpsr.train import train
+    from gpsr.utils.cli import lock_run_dir
+    from tests.helpers import FAST, compose_cfg
+
+    with _run_lock_held_elsewhere(tmp_path):
         cfg = compose_cfg(["stage=flow", "logger=csv", *FAST], output_dir=tmp_path)
         with pytest.raises(OutputError, match=r"in use by another gpsr run \(pid \d+\)"):
             train(cfg)
@@ -421,9 +435,6 @@ def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "in use by another gpsr run (pid" in proc.stderr
         assert (tmp_path / ".hydra" / "config.yaml").read_text() == "the running run's settings\n"
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     time.sleep(0.1)
     lock_run_dir(tmp_path)  # free again
 
@@ -431,30 +442,13 @@ def test_a_run_folder_is_held_by_one_run_and_freed_when_it_dies(tmp_path):
 def test_preflight_leaves_a_runs_other_processes_to_it(tmp_path, monkeypatch):
     """DDP ranks start with the run's own command and hydra.run.dir while its first process
     holds the lock: preflight refuses a second run, never the run's other ranks."""
-    import subprocess
-    import sys
-
     from gpsr.utils.cli import preflight
-    from tests.helpers import REPO
 
-    holder = subprocess.Popen(
-        [
-            sys.executable, "-c",
-            "import sys, time; from gpsr.utils.cli import lock_run_dir; "
-            "lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with _run_lock_held_elsewhere(tmp_path):
         with pytest.raises(SystemExit):
             preflight([f"hydra.run.dir={tmp_path}"])  # a second run
         monkeypatch.setenv("LOCAL_RANK", "1")
         preflight([f"hydra.run.dir={tmp_path}"])  # the run's rank 1: goes on
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize(
