@@ -40,9 +40,11 @@ demo-large: install
 	PYTHONPATH=. $(PY) scripts/demo_large.py
 
 ## Trust under noise: noisy test tiles (sigma 0, 0.02, 0.05), noise-unaware and noise-aware
-## GPSR (true and estimated sigma), projected, bicubic; writes demo/trust/; after `make demo`.
+## GPSR (true and estimated sigma), projected, bicubic; writes demo/trust/; then calibrated
+## intervals (demo/uncertainty/, docs/uncertainty.md); after `make demo`.
 demo-trust: install
 	PYTHONPATH=. $(PY) scripts/demo_trust.py
+	PYTHONPATH=. $(PY) scripts/demo_uncertainty.py
 
 ## eps vs v vs x0 for the demo's latent DDPM (same flow, data and budget); after `make demo`.
 demo-parameterization: install

@@ -4,10 +4,12 @@ checkpoints whose last.ckpt always holds the final step."""
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
@@ -18,7 +20,7 @@ from gpsr.panels import to_uint8_grid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SRMetricsCallback", "ImagePanelCallback", "FinalCheckpoint"]
+__all__ = ["SRMetricsCallback", "ImagePanelCallback", "FinalCheckpoint", "RandomState"]
 
 
 class FinalCheckpoint(ModelCheckpoint):
@@ -45,6 +47,79 @@ class FinalCheckpoint(ModelCheckpoint):
             self._last_global_step_saved = trainer.global_step
         else:
             super().on_train_end(trainer, pl_module)
+
+
+class RandomState(Callback):
+    """Saves the global random generators with every checkpoint and restores them when a run
+    resumes, so a resumed run draws what the interrupted run would have drawn next.
+
+    What is saved: torch's CPU generator, every CUDA device's generator, numpy's and
+    Python's, of every process (DDP ranks are gathered into the checkpoint that rank 0
+    writes). They are captured when the checkpoint is written (after the step's optimiser
+    update and its batch-end callbacks) and restored when the resumed run's training loop
+    has created its data iterator (`on_train_start`, before the first batch is drawn):
+    creating an iterator draws a seed from torch's generator, and the interrupted run had
+    drawn that one already. Lightning's own resume steps after this point (skipping a
+    validation the checkpoint preceded, which creates the validation iterator) draw what
+    the interrupted run drew at the same place. Stored as tensors and plain Python
+    values, so checkpoints stay loadable with `torch.load(weights_only=True)`.
+
+    Worker processes of the data loader keep generators of their own: the training dataset
+    saves those with the loader's state (`gpsr.data.datamodule.ImageDataset.state_dict`).
+    A checkpoint from a run with another number of processes restores nothing (a warning
+    says so).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+
+    @staticmethod
+    def capture() -> dict[str, Any]:
+        """This process's generators, as tensors and plain Python values."""
+        np_state = np.random.get_state()
+        version, py_state, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [version, list(py_state), gauss],
+        }
+
+    @staticmethod
+    def restore(state: dict[str, Any]) -> None:
+        """Set this process's generators to what `capture` returned."""
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, py_state, gauss = state["python"]
+        random.setstate((version, tuple(py_state), gauss))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.capture()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, state)  # every rank dumps checkpoints
+            return {"ranks": ranks}
+        return {"ranks": [state]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("ranks")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ranks, self._pending = self._pending, None
+        if ranks is None:
+            return
+        if len(ranks) != trainer.world_size:
+            log.warning(
+                "the checkpoint holds the random state of %d processes, this run has %d: "
+                "random draws from here on differ from the interrupted run's",
+                len(ranks),
+                trainer.world_size,
+            )
+            return
+        self.restore(ranks[trainer.global_rank])
 
 
 class SRMetricsCallback(Callback):

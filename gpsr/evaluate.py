@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
+from gpsr.calibrate import load_calibration, sampler_record
 from gpsr.configs import register as register_schemas
 from gpsr.diffusion import add_diagnostic, diagnostic_means
 from gpsr.metrics import SRMetrics
@@ -35,6 +36,7 @@ from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
 from gpsr.report import results_table
 from gpsr.tiling import Tiling
+from gpsr.uncertainty import IntervalMetrics, centre_spread, interval
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device, synchronize
 from gpsr.utils.errors import ConfigError
@@ -130,6 +132,7 @@ class EvalRun:
     projection_iterations: list[torch.Tensor] = field(default_factory=list)
     panel: dict[str, torch.Tensor] | None = None
     diagnostic: dict[str, torch.Tensor] | None = None
+    intervals: tuple[str, IntervalMetrics] | None = None  # (method, its interval metrics)
 
 
 def noisy_evaluation(cfg: DictConfig) -> tuple[bool, bool]:
@@ -147,20 +150,37 @@ def _projected_base(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> 
     return "gpsr" if "gpsr" in methods else "flow"
 
 
+def interval_method(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> str | None:
+    """The method whose K samples give the per-pixel interval (docs/uncertainty.md): GPSR
+    (flow-only sampling without a diffusion model), projected when `sampler.project`; None
+    for one sample."""
+    if cfg.sampler.samples < 2:
+        return None
+    base = "gpsr" if "gpsr" in methods else "flow"
+    return f"{base}_projected" if cfg.sampler.project else base
+
+
 @torch.no_grad()
 def run_methods(
-    model: GPSR, methods: dict[str, tuple[Method, str]], loader, cfg: DictConfig
+    model: GPSR,
+    methods: dict[str, tuple[Method, str]],
+    loader,
+    cfg: DictConfig,
+    lam: float | None = None,
 ) -> EvalRun:
-    """Every method (and the projection) on every batch of the split; metrics accumulated."""
+    """Every method (and the projection) on every batch of the split; metrics accumulated.
+    With K >= 2 samples, the interval of `interval_method` at lambda = 1 and, given `lam`
+    (a calibrated lambda), at `lam`."""
     device = model.device
     proj_base = _projected_base(methods, cfg)
     names = list(methods) + ([f"{proj_base}_projected"] if proj_base else [])
     clean, noisy = noisy_evaluation(cfg)
-    sigma_y = cfg.sampler.get("sigma_y", 0.0)
     run = EvalRun(
         {n: SRMetrics(model.scale, clean, noisy).to(device) for n in names},
         dict.fromkeys(names, 0.0),
     )
+    if (target := interval_method(methods, cfg)) is not None:
+        run.intervals = (target, IntervalMetrics(lam).to(device))
     limit = cfg.limit_batches
     for b, batch in enumerate(tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress)):
         if limit is not None and b >= limit:
@@ -170,7 +190,7 @@ def run_methods(
         lr_clean = ops.to_unit(batch["lr_clean"].to(device)) if clean else None
         idx = batch["index"].tolist()
         run.images += hr.shape[0]
-        sigma = model.noise_level(lr, sigma_y)  # (N,), zeros for the paper's sampler
+        sigma = model.noise_level(lr, cfg.sampler.get("sigma_y", 0.0))  # (N,), 0: the paper
         run.sigmas.append(sigma.cpu())
         if model.unet is not None and cfg.diagnostic_buckets > 0:
             part = model.diagnostic(batch["hr"].to(device), idx, cfg.seed, cfg.diagnostic_buckets)
@@ -192,11 +212,17 @@ def run_methods(
         for name, out in outputs.items():
             for sr in out.unbind(1) if out.dim() == 5 else [out]:
                 run.metrics[name].update(sr, hr, lr, lr_clean, sigma)
+        if run.intervals is not None:
+            run.intervals[1].update(outputs[run.intervals[0]], hr)
         if run.panel is None:
             last = next(reversed(outputs))
             firsts = {name: out[:, 0] if out.dim() == 5 else out for name, out in outputs.items()}
             std = outputs[last].std(1) if outputs[last].dim() == 5 else None
-            run.panel = panel_rows(lr, hr, firsts, model.scale, last, std)
+            width = None
+            if run.intervals is not None and lam is not None:
+                lower, upper = interval(*centre_spread(outputs[run.intervals[0]]), lam)
+                width = upper - lower
+            run.panel = panel_rows(lr, hr, firsts, model.scale, last, std, width)
     if run.images == 0:
         raise ConfigError(f"the {cfg.split} split gave no images to evaluate")
     return run
@@ -217,6 +243,8 @@ def summarise(
             "seconds_per_image": seconds / run.images,
             "nfe": nfe[base],
         }
+        if run.intervals is not None and run.intervals[0] == name:
+            results[name].update(run.intervals[1].compute())
         if name != base:
             results[name]["projection_iterations"] = {
                 "mean": its.mean().item(),
@@ -282,6 +310,16 @@ def write_artifacts(
             f"\nProjection onto {target} took {its['mean']:.1f} iterations per "
             f"image on average (at most {its['max']}).\n"
         )
+    if "calibration" in summary:
+        c = summary["calibration"]
+        note += (
+            f"\nIntervals: mean +/- lambda (std + half a level) of the samples, lambda = "
+            f"{c['lambda']:g} from `{c['file']}` (alpha {c['alpha']:g}, delta {c['delta']:g}, "
+            f"{c['images']} images of its {c['split']} split): the expected fraction of pixels "
+            f"outside is at most alpha with probability 1 - delta for images from the "
+            f"calibration's distribution only (docs/uncertainty.md); lambda = 1 is the "
+            f"uncalibrated interval.\n"
+        )
     if "loss_by_t" in summary:
         note += diagnostic_table(summary["loss_by_t"])
     columns = " | ".join(panel) if panel is not None else ""
@@ -323,10 +361,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
         )
+    lam = None
+    if cfg.get("calibration"):
+        if cfg.sampler.samples < 2:
+            raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
+        steps = cfg.sampler.steps if model.unet is not None else 0
+        cal = load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))
+        lam = cal["lambda"]
     loader = instantiate(cfg.data).eval_dataloader(cfg.split)
     methods = build_methods(model, cfg)
-    run = run_methods(model, methods, loader, cfg)
+    run = run_methods(model, methods, loader, cfg, lam)
     summary = summarise(run, methods, model, cfg)
+    if lam is not None:
+        summary["calibration"] = {"file": str(cfg.calibration), **{
+            k: cal[k] for k in ("lambda", "alpha", "delta", "bound", "images", "split")
+        }}  # fmt: skip
     table = write_artifacts(summary, run.panel, cfg, output_dir)
     log.info("\n%s", table)
     _log_to_loggers(cfg, summary, output_dir)

@@ -18,16 +18,21 @@ def panel_rows(
     scale: int,
     error_of: str,
     std: torch.Tensor | None = None,
+    width: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The panel's columns: LR (nearest-upsampled) | samples ... | HR | |error| x4 [| std x8].
+    """The panel's columns: LR (nearest-upsampled) | samples ... | HR | |error| x4 [| std x8]
+    [| interval width x2].
 
     lr (N, C, h, w), hr and each sample (N, C, s*h, s*w), all in [0, 1]; `error_of` names the
-    sample whose absolute error is shown; std (N, C, s*h, s*w) over samples, optional.
+    sample whose absolute error is shown; std (N, C, s*h, s*w) over samples, optional; width
+    (N, C, s*h, s*w) the calibrated interval's width (docs/uncertainty.md), optional.
     """
     rows = {"LR": ops.upsample_nearest(lr, scale).clamp(0, 1), **samples, "HR": hr}
     rows["|error| x4"] = ((samples[error_of] - hr).abs() * 4).clamp(0, 1)
     if std is not None:
         rows["std x8"] = (std * 8).clamp(0, 1)
+    if width is not None:
+        rows["interval width x2"] = (width * 2).clamp(0, 1)
     return rows
 
 

@@ -67,16 +67,31 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _interval_cells(m: dict[str, Any]) -> str:
+    """The two interval cells of a row: calibrated / lambda = 1 miscoverage and width
+    ("-" where not calibrated; empty for a method without intervals)."""
+    if m.get("miscoverage_uncalibrated") is None:
+        return " | |"
+    cal = lambda k: f"{m[k]:.4f}" if m.get(k) is not None else "-"  # noqa: E731
+    return (
+        f" {cal('miscoverage')} / {m['miscoverage_uncalibrated']:.4f} |"
+        f" {cal('interval_width')} / {m['interval_width_uncalibrated']:.4f} |"
+    )
+
+
 def results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """The Table 1-style Markdown table of (method, results) rows, as `gpsr.evaluate` writes
     them (nfe, psnr, ssim, consistency, seconds_per_image); with noisy LR images also the
-    consistency with the clean LR and the discrepancy ratio (mean / max over images), when
+    consistency with the clean LR and the discrepancy ratio (mean / max over images), and
+    with K >= 2 samples the interval's miscoverage and width (calibrated / lambda = 1), when
     any row has them (absent or None: an empty cell)."""
     has = lambda key: any(m.get(key) is not None for _, m in rows)  # noqa: E731
     clean, ratio = has("consistency_clean"), has("discrepancy_ratio")
+    cov = has("miscoverage_uncalibrated")
     head = "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) |"
     head += " Consistency clean (x1e-5) |" * clean + " Discrepancy ratio mean / max |" * ratio
-    lines = [head + " s / image |", "|---" * (6 + clean + ratio) + "|"]
+    head += " Outside interval calibrated / lambda=1 | Interval width calibrated / lambda=1 |" * cov
+    lines = [head + " s / image |", "|---" * (6 + clean + ratio + 2 * cov) + "|"]
     for name, m in rows:
         row = (
             f"| {name} | {m['nfe']} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['consistency']:.4g} |"
@@ -87,6 +102,8 @@ def results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         if ratio:
             dr = m.get("discrepancy_ratio")
             row += f" {dr:.3g} / {m['discrepancy_ratio_max']:.3g} |" if dr is not None else " |"
+        if cov:
+            row += _interval_cells(m)
         lines.append(row + f" {m['seconds_per_image']:.4f} |")
     return "\n".join(lines) + "\n"
 

@@ -25,11 +25,13 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from gpsr import ops
+from gpsr.calibrate import load_calibration, sampler_record
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.diffusion import SPACINGS
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
 from gpsr.models.gpsr import GPSR
 from gpsr.tiling import Tiling
+from gpsr.uncertainty import centre_spread, interval
 from gpsr.utils.checkpoint import write_atomically
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import pick_device
@@ -78,12 +80,49 @@ def list_inputs(src: Path) -> list[Path]:
     return files
 
 
+def calibrated_lambda(cfg: DictConfig) -> float | None:
+    """The lambda of `calibration=` (checked against the checkpoint and the sampler
+    settings, before any model is loaded), or None without one."""
+    if not cfg.get("calibration"):
+        return None
+    if cfg.sampler.samples < 2:
+        raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
+    cal = load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, cfg.sampler.steps))
+    return cal["lambda"]
+
+
+def width_png(width: torch.Tensor, bar: int = 24) -> np.ndarray:
+    """width (H, W) in [0, 1] pixel units -> (H + bar, max(W, 160), 3) uint8: the width in
+    matplotlib's viridis map from 0 to its maximum, above a colour bar labelled with that
+    range, so the picture carries its own scale."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    w = width.detach().float().cpu().numpy()
+    top = float(w.max()) if w.size and w.max() > 0 else 1.0
+    cmap = colormaps["viridis"]
+    img = (cmap(np.clip(w / top, 0, 1))[..., :3] * 255).round().astype(np.uint8)
+    side = max(img.shape[1], 160)
+    canvas = np.full((img.shape[0] + bar, side, 3), 255, dtype=np.uint8)
+    canvas[: img.shape[0], : img.shape[1]] = img
+    ramp = (cmap(np.linspace(0, 1, side))[:, :3] * 255).round().astype(np.uint8)
+    canvas[img.shape[0] + 2 : img.shape[0] + 8] = ramp[None]
+    pic = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(pic)
+    draw.text((1, img.shape[0] + 10), "0", fill=(0, 0, 0))
+    label = f"{top:.3g} (width, [0,1] units)"
+    draw.text((max(side - 6 * len(label) - 1, 12), img.shape[0] + 10), label, fill=(0, 0, 0))
+    return np.asarray(pic)
+
+
 def plan_outputs(
-    files: list[Path], out_dir: Path, samples: int, save_float: bool
+    files: list[Path], out_dir: Path, samples: int, save_float: bool, intervals: bool = False
 ) -> dict[Path, list[Path]]:
     """Every file each input will write: `<name>_sr.png` (`<name>_sr{k}.png` and
-    `<name>_std.png` for samples > 1), plus `.npy` twins with save_float. `<name>` is the
-    input's stem, or stem and extension (`cat_jpg`) when two inputs share a stem."""
+    `<name>_std.png` for samples > 1; with a calibration also `<name>_lower.png`,
+    `<name>_upper.png` and `<name>_width.png`), plus `.npy` twins with save_float.
+    `<name>` is the input's stem, or stem and extension (`cat_jpg`) when two inputs share a
+    stem."""
     stems = [p.stem for p in files]
     plan = {}
     for path in files:
@@ -92,6 +131,8 @@ def plan_outputs(
         outs = [out_dir / f"{b}.png" for b in bases]
         if samples > 1:
             outs.append(out_dir / f"{name}_std.png")
+        if intervals:
+            outs += [out_dir / f"{name}_{part}.png" for part in ("lower", "upper", "width")]
         if save_float:
             outs += [o.with_suffix(".npy") for o in outs]
         plan[path] = outs
@@ -165,12 +206,17 @@ def sample_images(cfg: DictConfig) -> int:
     src, out_dir = Path(cfg.input), Path(cfg.output)
     tiling = check_settings(cfg)
     files = list_inputs(src)
-    plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float)
+    lam = calibrated_lambda(cfg)
+    plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float, lam is not None)
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)
     device = pick_device(cfg.device)
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
     model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
+    if lam is not None and model.unet is None:
+        raise ConfigError(
+            f"calibration= with {cfg.ckpt}, a flow-stage checkpoint: give the one calibrated"
+        )
     steps = cfg.sampler.steps
     if model.unet is None and steps > 0:
         log.warning(
@@ -183,7 +229,7 @@ def sample_images(cfg: DictConfig) -> int:
     failures = 0
     for path, outs in plan.items():
         try:
-            process_one(model, path, outs, steps, tiling, cfg)
+            process_one(model, path, outs, steps, tiling, cfg, lam)
         except GPSRError as err:
             failures += 1
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
@@ -192,9 +238,16 @@ def sample_images(cfg: DictConfig) -> int:
 
 
 def process_one(
-    model: GPSR, path: Path, outs: list[Path], steps: int, tiling: Tiling, cfg: DictConfig
+    model: GPSR,
+    path: Path,
+    outs: list[Path],
+    steps: int,
+    tiling: Tiling,
+    cfg: DictConfig,
+    lam: float | None = None,
 ) -> None:
-    """Super-resolve one LR file and write its planned outputs; GPSRError on a bad file."""
+    """Super-resolve one LR file and write its planned outputs (with `lam`, a calibrated
+    lambda, its interval maps too); GPSRError on a bad file."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageFileError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
     img = decode_rgb(path, cfg.get("max_pixels"))
@@ -261,7 +314,7 @@ def process_one(
                 file=sys.stderr,
                 flush=True,
             )
-    write_outputs(stack[0], outs, cfg.save_float)
+    write_outputs(stack[0], outs, cfg.save_float, lam)
     print(
         f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
         f"{timing}, {consistency}, 8-bit PNG {agreement((stack[0] * 255).round() / 255)}",
@@ -269,20 +322,33 @@ def process_one(
     )
 
 
-def write_outputs(samples: torch.Tensor, outs: list[Path], save_float: bool) -> None:
+def write_outputs(
+    samples: torch.Tensor, outs: list[Path], save_float: bool, lam: float | None = None
+) -> None:
     """Write K samples (K, C, H, W) in [0, 1] to the planned files: PNGs (and for K > 1 the
-    per-pixel standard deviation, scaled to its maximum), and float32 .npy twins.
+    per-pixel standard deviation, scaled to its maximum; with `lam`, a calibrated lambda, the
+    interval's lower and upper bounds as images and its width, averaged over channels, as a
+    colour map with its scale in [0, 1] pixel units: `width_png`), and float32 .npy twins.
 
     All or nothing (`write_atomically`): a full or read-only disk leaves no partial file and
     nothing of this image (an OutputError in one line; a rerun is not blocked)."""
-    images = list(samples)
+    images: list[torch.Tensor | np.ndarray] = list(samples)
     floats = list(samples)
     if samples.shape[0] > 1:
         std = samples.std(0)
         images.append(std / std.max().clamp(min=1e-8))
         floats.append(std)
+    if lam is not None:
+        lower, upper = interval(*centre_spread(samples[None]), lam)
+        width = (upper - lower)[0]
+        images += [lower[0], upper[0], width_png(width.mean(0))]
+        floats += [lower[0], upper[0], width]
+
+    def png(fh, x) -> None:
+        Image.fromarray(x if isinstance(x, np.ndarray) else _to_uint8(x)).save(fh, format="PNG")
+
     jobs = [
-        (target, lambda fh, x=img: Image.fromarray(_to_uint8(x)).save(fh, format="PNG"))
+        (target, lambda fh, x=img: png(fh, x))
         for img, target in zip(images, [o for o in outs if o.suffix == ".png"])
     ]
     if save_float:

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gpsr.callbacks import RandomState
 from gpsr.configs import check_setting_types
 from gpsr.configs import register as register_schemas
 from gpsr.utils.checkpoint import checkpoint_step, find_last_checkpoint
@@ -90,6 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not ckpt_path and first_process():
         (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    callbacks.append(RandomState())  # part of every checkpoint: a resume draws what comes next
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to send learning rates to (Lightning refuses)
         callbacks = [

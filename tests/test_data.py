@@ -308,3 +308,28 @@ def test_skip_corrupt_leaves_bad_files_out_of_evaluation(tmp_path):
     names = sorted(p.name for p in dm.dataset("test").items)
     assert names == ["img0.png", "img1.jpg", "img2.webp", "img3.png"]
     assert len(dm.test_dataloader().dataset) == 4
+
+
+def test_the_heldout_pool_at_a_larger_zoom_shows_only_the_held_out_strip():
+    """data.demo_heldout_zoom: every pool tile lies inside the fraction of its photo that the
+    zoom-4 strip holds out (so no tile shows a training pixel), the tiles are the photo's
+    own pixels there, and validation and test share no tile."""
+    from gpsr.data.demo import demo_photos, demo_splits, heldout_pool
+
+    small, big = demo_photos(32, 4.0), demo_photos(32, 8.0)
+    pool = heldout_pool(32, 4.0, 8.0)
+    for s, b, tiles in zip(small, big, pool):
+        axis = -1 if s.shape[-1] >= s.shape[-2] else -2
+        m = tiles.shape[0] // (b.shape[-2 if axis == -1 else -1] // 32)
+        start = b.shape[axis] - m * 32
+        assert start / b.shape[axis] >= 1 - 32 / s.shape[axis]  # inside the held-out fraction
+        assert m >= 1
+        first = b[:, :32, start : start + 32] if axis == -1 else b[:, start : start + 32, :32]
+        assert torch.equal(tiles[0], first)
+    splits = demo_splits(32, 4.0, n_val=96, n_test=32, heldout_zoom=8.0)
+    assert len(splits.val) == 96 and len(splits.test) == 32
+    # Every pool tile in exactly one split (as multisets: two tiles of black sky are equal).
+    flat = lambda tiles: sorted(x.numpy().tobytes() for x in tiles)  # noqa: E731
+    assert sorted(flat(splits.val) + flat(splits.test)) == flat(torch.cat(pool))
+    default = demo_splits(32, 4.0)
+    assert all(torch.equal(a, b) for a, b in zip(default.regions, splits.regions))

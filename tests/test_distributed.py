@@ -70,7 +70,10 @@ def test_ddp_training_matches_single_process_metrics(tmp_path):
     run_cli("train", "stage=flow", *DDP, f"hydra.run.dir={flow_dir}", cwd=tmp_path)
     ddp_flow = json.loads((flow_dir / "metrics.json").read_text())
     ckpt = flow_dir / "checkpoints" / "last.ckpt"
-    assert load_checkpoint(ckpt)["global_step"] == 8
+    saved = load_checkpoint(ckpt)
+    assert saved["global_step"] == 8
+    # Both processes' random generators are in the checkpoint rank 0 wrote (exact resume).
+    assert len(saved["callbacks"]["RandomState"]["ranks"]) == 2
     single = _validate_single_process(_module_from(ckpt, FlowModule))
     _assert_same(ddp_flow, single, "val/flow_")
     assert ddp_flow["val/coarse_mse"] == pytest.approx(single["val/coarse_mse"], rel=1e-4)

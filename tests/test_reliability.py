@@ -2,6 +2,7 @@
 logs continue, and every bad input or setting is one line naming it."""
 
 import contextlib
+import logging
 import os
 import re
 import struct
@@ -249,7 +250,7 @@ def test_a_fresh_start_begins_a_fresh_history(tmp_path):
 
 
 # ------------------------------------------------------------------ errors: by type, not path
-def test_errors_are_classified_by_type_not_by_path(tmp_path, monkeypatch, capsys):
+def test_errors_are_classified_by_type_not_by_path(tmp_path, monkeypatch, capsys, caplog):
     from gpsr.utils.cli import report_errors
 
     fake = tmp_path / "clone" / "gpsr" / ".venv" / "site-packages"
@@ -278,7 +279,17 @@ def test_errors_are_classified_by_type_not_by_path(tmp_path, monkeypatch, capsys
             if kind == "ours"
             else " is not a multiple of scale=8"
         )
-    with pytest.raises(ValueError, match="deep inside torch"):  # a traceback, not one line
+    # Not ours: the traceback, logged once (Hydra, which would print it again, never sees
+    # it), then exit status 1; GPSR_DEBUG=1 hands the exception itself to Hydra instead.
+    with caplog.at_level(logging.ERROR, logger="gpsr"):
+        with pytest.raises(SystemExit) as exit_info:
+            entry("theirs")
+    assert exit_info.value.code == 1
+    tracebacks = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(tracebacks) == 1 and "deep inside torch" in tracebacks[0]
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("GPSR_DEBUG", "1")
+    with pytest.raises(ValueError, match="deep inside torch"):
         entry("theirs")
     assert issubclass(ConfigError, ValueError) and issubclass(OutputError, GPSRError)
 

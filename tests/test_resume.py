@@ -31,9 +31,9 @@ class Recorder(Callback):
         self.seen.append((trainer.global_step, batch["index"].tolist()))
 
 
-def _fit(module, dm, steps, dirpath, ckpt_path=None, every=None):
+def _fit(module, dm, steps, dirpath, ckpt_path=None, every=None, extra=()):
     rec = Recorder()
-    cbs = [rec]
+    cbs = [rec, *extra]
     if every:
         cbs.append(
             ModelCheckpoint(
@@ -83,6 +83,52 @@ def test_resume_continues_data_order_optimizer_and_schedule(tmp_path):
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(
         1e-3 * 0.5**5
     )
+
+
+def test_resume_from_an_epochs_last_batch_shuffles_the_next_epoch_as_the_run_did(tmp_path):
+    """Lightning resumes a checkpoint written at the last batch of an epoch with its epoch
+    number one ahead; the training sampler keeps its own count, so the next epoch's order
+    is the uninterrupted run's, and so are the random draws after it."""
+
+    def make():
+        torch.manual_seed(0)
+        return stage_module("flow", scale=8, flow=SMALL_FLOW)
+
+    def dm():
+        return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=48, seed=3)
+
+    per_epoch = 48 // 8
+    _, full = _fit(make(), dm(), 2 * per_epoch + 2, tmp_path / "a", every=per_epoch)
+    assert [i for _, i in full[:per_epoch]] != [i for _, i in full[per_epoch : 2 * per_epoch]]
+    ckpt = tmp_path / "a" / f"s{per_epoch}.ckpt"
+    trainer, resumed = _fit(make(), dm(), 2 * per_epoch + 2, tmp_path / "b", ckpt_path=str(ckpt))
+    assert resumed == full[per_epoch:]
+
+
+@pytest.mark.slow
+def test_resume_with_loader_workers_draws_what_the_workers_would_have(tmp_path):
+    """With worker processes each worker's generator is saved with the loader's state (the
+    dataset's state) and handed back on resume: the flips after a resume mid-epoch and at
+    an epoch's end are the uninterrupted run's, so are the weights, bit for bit."""
+    from gpsr.callbacks import RandomState
+
+    def make():
+        torch.manual_seed(0)
+        return stage_module("flow", scale=8, flow=SMALL_FLOW)
+
+    def dm():
+        return GPSRDataModule(size=32, scale=8, batch_size=8, demo_count=48, seed=3, num_workers=2)
+
+    def fit(path, ckpt=None):
+        trainer, seen = _fit(make(), dm(), 14, path, ckpt, every=4, extra=[RandomState()])
+        return trainer.lightning_module.state_dict(), seen
+
+    whole, order = fit(tmp_path / "a")
+    for step in (4, 12):  # mid-epoch; the last batch of epoch 2 (6 batches per epoch)
+        resumed, rest = fit(tmp_path / f"b{step}", str(tmp_path / "a" / f"s{step}.ckpt"))
+        assert rest == order[step:]
+        for k, v in whole.items():
+            assert torch.equal(v, resumed[k]), (step, k)
 
 
 def test_ddpm_resume_restores_ema(tmp_path, flow_ckpt):
@@ -236,3 +282,87 @@ def test_resume_auto_ranks_checkpoints_by_their_step_not_their_file_time(tmp_pat
     assert find_last_checkpoint(run).name == "last.ckpt"  # the only step-24 file left
     (folder / "last.ckpt").write_bytes(b"damaged")
     assert find_last_checkpoint(run).name == "step0000012.ckpt"
+
+
+def _train_until_killed(args: list[str], run_dir: Path, cwd: Path, kill_after: str) -> None:
+    """Start `gpsr.train args`, SIGKILL it as soon as `checkpoints/<kill_after>` exists."""
+    env = {**os.environ, "GPSR_ROOT": str(cwd), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpsr.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = run_dir / "checkpoints" / kill_after
+    deadline = time.time() + 300
+    while time.time() < deadline and not target.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run ended or stalled before its checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["flow", "ddpm"])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, stage, request):
+    """A run killed with SIGKILL mid-epoch and resumed with ckpt_path=auto ends with the
+    weights, optimiser state and losses of the uninterrupted run, bit for bit: the data order,
+    the random crops and flips, the dequantization noise (and the DDPM's timesteps and noise)
+    continue where they stopped, across an epoch boundary (8 batches per epoch, 14 steps)
+    and a validation after the checkpoint the resume starts from."""
+    extra = [f"flow_ckpt={request.getfixturevalue('flow_ckpt')}"] if stage == "ddpm" else []
+    args = [
+        f"stage={stage}", *extra, "logger=csv", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "trainer.max_steps=14",
+        "trainer.val_check_interval=6", "+trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1", "data.batch_size=8", "data.demo_count=64",
+        "callbacks.model_checkpoint.every_n_train_steps=3", "test_after_fit=false",
+    ]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_cli("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    _train_until_killed(args, killed, tmp_path, "step0000006.ckpt")
+    found = {p.name: load_checkpoint(p)["global_step"] for p in killed.glob("checkpoints/*.ckpt")}
+    run_cli("train", *args, "ckpt_path=auto", f"hydra.run.dir={killed}", cwd=tmp_path)
+    start = re.search(r"resume=auto: (\S+\.ckpt)", (killed / "train.log").read_text()).group(1)
+    assert 6 <= found[Path(start).name] < 14  # a real resume, mid-way
+
+    a = load_checkpoint(whole / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(killed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 14
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    moments_a = a["optimizer_states"][0]["state"]
+    moments_b = b["optimizer_states"][0]["state"]
+    for i in moments_a:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments_a[i][name], moments_b[i][name]), (i, name)
+
+    import csv
+
+    def losses(run):
+        rows = csv.DictReader(open(run / "csv" / "metrics.csv"))
+        return {int(float(r["step"])): r["train/loss"] for r in rows if r.get("train/loss")}
+
+    assert losses(killed) == losses(whole)
+
+
+def test_random_state_restores_every_generator():
+    """torch, numpy and Python draw after a restore what they drew after the capture."""
+    import random
+
+    import numpy as np
+
+    from gpsr.callbacks import RandomState
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # numpy's cached Gaussian half-pair is part of its state
+    state = RandomState.capture()
+
+    def draws():
+        return torch.rand(4).tolist(), np.random.standard_normal(3).tolist(), random.random()
+
+    first = draws()
+    draws()
+    RandomState.restore(state)
+    assert draws() == first

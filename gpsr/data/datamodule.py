@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -44,6 +44,45 @@ log = logging.getLogger(__name__)
 __all__ = ["GPSRDataModule", "ImageDataset", "split_indices"]
 
 SPLITS = ("train", "val", "test")
+
+
+class EpochCountingSampler(StatefulDistributedSampler):
+    """The training shuffle: a permutation of (seed, epoch) per epoch, sharded over processes,
+    resumable mid-epoch, that counts its own epochs and keeps the count in its state.
+
+    Lightning tells samplers its epoch number (`set_epoch`), and after a resume from a
+    checkpoint written at the last batch of an epoch that number runs one ahead of the
+    interrupted run's (Lightning 2.6 runs an empty epoch first), which would shuffle the
+    next epoch differently. Here each new pass over the data (an iteration that does not
+    continue a loaded mid-epoch state) is the next epoch, and the number is saved with the
+    loader's state, so a resumed run shuffles as the uninterrupted run did. `set_epoch` is
+    honoured only before a fresh sampler's first pass (a loader Lightning rebuilt); a loaded
+    state takes precedence.
+    """
+
+    _EPOCH = "epoch"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._fresh = True
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._fresh:
+            self.epoch = epoch
+
+    def __iter__(self):
+        if self.next_yielded is None and not self._fresh:
+            self.epoch += 1  # a new pass, not the rest of a loaded one
+        self._fresh = False
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), self._EPOCH: self.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self._EPOCH in state_dict:  # older checkpoints hold none: Lightning's number
+            self.epoch, self._fresh = int(state_dict[self._EPOCH]), False
 
 
 def load_or_skip(
@@ -125,6 +164,18 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    # Random crops and flips draw from torch's generator of the process that loads: the
+    # main process (data.num_workers=0), whose generators every checkpoint saves
+    # (`gpsr.callbacks.RandomState`), or a worker. In a worker, the dataset's state (which
+    # StatefulDataLoader snapshots with each batch and hands back to the worker on resume)
+    # is that worker's generator, so a resumed worker draws what it would have drawn next.
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"torch": torch.get_rng_state()} if get_worker_info() is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "torch" in state and get_worker_info() is not None:
+            torch.set_rng_state(state["torch"])
+
     def _uint8(self, index: int) -> torch.Tensor:
         if not isinstance(self.items, (list, tuple)):
             return self.items[index]
@@ -175,6 +226,9 @@ class GPSRDataModule(L.LightningDataModule):
         demo_val, demo_test: held-out demo tiles for validation and testing (they share no
             pixel with any training region).
         demo_zoom: demo photos are reduced to a shorter side of demo_zoom x size.
+        demo_heldout_zoom: null, or take the validation and test tiles from the held-out
+            strips seen at this larger zoom (e.g. 8: 96 validation and 32 test tiles, enough
+            to calibrate intervals, docs/uncertainty.md); the training regions are unchanged.
         lr_noise: std of Gaussian noise on every LR image, in [0, 1] pixel units (seeded by
             `seed` and the image's index: every method and run sees the same noisy LR), then
             clamped to [0, 1]; batches then also hold "lr_clean". 0 (default): the paper's
@@ -209,6 +263,7 @@ class GPSRDataModule(L.LightningDataModule):
         demo_val: int = 8,
         demo_test: int = 16,
         demo_zoom: float = 4.0,
+        demo_heldout_zoom: float | None = None,
         lr_noise: float = 0.0,
         lr_quantize: bool = False,
         max_pixels: int | None = None,
@@ -259,6 +314,7 @@ class GPSRDataModule(L.LightningDataModule):
         self.skip_corrupt, self.skip_small = skip_corrupt, skip_small
         self.demo_count, self.demo_val, self.demo_test = demo_count, demo_val, demo_test
         self.demo_zoom, self.seed = demo_zoom, seed
+        self.demo_heldout_zoom = demo_heldout_zoom
         self.lr_noise, self.lr_quantize = float(lr_noise), lr_quantize
         self.max_pixels = max_pixels
         self.items: dict[str, Sequence[Path] | torch.Tensor] = {}
@@ -311,7 +367,9 @@ class GPSRDataModule(L.LightningDataModule):
 
     def _build_items(self) -> dict[str, Sequence[Path] | torch.Tensor]:
         if self.source == "demo":
-            demo = demo_splits(self.size, self.demo_zoom, self.demo_val, self.demo_test)
+            demo = demo_splits(
+                self.size, self.demo_zoom, self.demo_val, self.demo_test, self.demo_heldout_zoom
+            )
             self.train_patches = RandomPatches(demo.regions, self.size, self.demo_count)
             return {"train": demo.train, "val": demo.val, "test": demo.test}
         items: dict[str, Sequence[Path] | torch.Tensor] = {}
@@ -399,7 +457,7 @@ class GPSRDataModule(L.LightningDataModule):
             )
         # The shuffle is a function of (seed, epoch) only, also for one process, so a
         # resumed run replays the same order; StatefulDataLoader skips what was consumed.
-        sampler = StatefulDistributedSampler(
+        sampler = EpochCountingSampler(
             ds, world, rank, shuffle=True, seed=self.seed, drop_last=True
         )
         return StatefulDataLoader(

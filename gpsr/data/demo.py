@@ -18,7 +18,14 @@ import torchvision.transforms.v2.functional as TF
 
 from gpsr.utils.errors import ConfigError
 
-__all__ = ["DEMO_PHOTOS", "DemoSplits", "RandomPatches", "demo_photos", "demo_splits"]
+__all__ = [
+    "DEMO_PHOTOS",
+    "DemoSplits",
+    "RandomPatches",
+    "demo_photos",
+    "demo_splits",
+    "heldout_pool",
+]
 
 DEMO_PHOTOS = (
     "astronaut",
@@ -82,25 +89,61 @@ class DemoSplits:
     test: torch.Tensor
 
 
-def demo_splits(size: int, zoom: float = 4.0, n_val: int = 8, n_test: int = 16) -> DemoSplits:
+def heldout_pool(size: int, zoom: float, heldout_zoom: float) -> list[torch.Tensor]:
+    """Per photo, the `size x size` tiles (n_i, 3, size, size) of its held-out strip seen at
+    a larger zoom: the photo reduced to a shorter side of `heldout_zoom * size`, of which the
+    part that the strip held out at `zoom` covers (its last floor(size * W' / W) columns,
+    or rows for a portrait photo), cut into whole tiles from that edge. These pixels show
+    only what the strip shows, so no tile touches a training region."""
+    if heldout_zoom < zoom:
+        raise ConfigError(
+            f"data.demo_heldout_zoom={heldout_zoom} must be at least data.demo_zoom={zoom}"
+        )
+    pool = []
+    for small, big in zip(demo_photos(size, zoom), demo_photos(size, heldout_zoom)):
+        axis = -1 if small.shape[-1] >= small.shape[-2] else -2
+        keep = (size * big.shape[axis]) // small.shape[axis]  # inside the held-out fraction
+        m = keep // size
+        pool.append(grid_tiles(big.narrow(axis, big.shape[axis] - m * size, m * size), size))
+    return pool
+
+
+def demo_splits(
+    size: int,
+    zoom: float = 4.0,
+    n_val: int = 8,
+    n_test: int = 16,
+    heldout_zoom: float | None = None,
+) -> DemoSplits:
     """Split the bundled photos into training regions and disjoint val / test tiles.
 
     Held-out tiles are taken round-robin over the photos (every photo's first tile, then
     every photo's second, ...); even positions go to test, odd ones to validation, so both
-    splits cover every photo.
+    splits cover every photo. With `heldout_zoom`, validation and test tiles come instead
+    from the held-out strips seen at that larger zoom (`heldout_pool`: many more tiles, of
+    the same held-out content; the training regions are unchanged), a seeded random quarter
+    of them to test and the rest to validation, so the two are exchangeable (what a
+    calibration's guarantee asks of them).
     """
     regions, held = [], []
     for img in demo_photos(size, zoom):
         region, tiles = split_photo(img, size)
         regions.append(region)
         held.append(tiles)
+    if heldout_zoom is not None:
+        held = heldout_pool(size, zoom, heldout_zoom)
     order = [t[j] for j in range(max(len(t) for t in held)) for t in held if j < len(t)]
-    test, val = order[0::2], order[1::2]
+    if heldout_zoom is None:
+        test, val = order[0::2], order[1::2]
+    else:  # a seeded random quarter: test and validation tiles are exchangeable
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(0)).tolist()
+        test = [order[i] for i in sorted(perm[: len(order) // 4])]
+        val = [order[i] for i in sorted(perm[len(order) // 4 :])]
     if n_test > len(test) or n_val > len(val):
         raise ConfigError(
             f"the demo holds out {len(test)} test and {len(val)} validation tiles at "
             f"data.size={size}, data.demo_zoom={zoom}; lower data.demo_test={n_test} / "
-            f"data.demo_val={n_val} or raise data.demo_zoom"
+            f"data.demo_val={n_val} or raise data.demo_zoom (or data.demo_heldout_zoom)"
         )
 
     def stack(tiles: list[torch.Tensor]) -> torch.Tensor:

@@ -99,8 +99,10 @@ def finish_wandb(exit_code: int = 0) -> None:
 
 def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run an entry point; a `GPSRError` becomes one line and exit status 1 (set
-    GPSR_DEBUG=1 for the traceback); any other exception keeps its traceback. W&B is always
-    closed."""
+    GPSR_DEBUG=1 for the traceback); any other exception keeps its traceback, logged once
+    (console and the run's log file) before exit status 1: Hydra, which would print it a
+    second time, never sees it (with GPSR_DEBUG=1 it is raised to Hydra instead, unlogged).
+    W&B is always closed."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -110,9 +112,11 @@ def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             code = 1
             err = user_error(exc)
-            if err is None or os.environ.get("GPSR_DEBUG"):
-                log.error("".join(traceback.format_exception(exc)))
+            if os.environ.get("GPSR_DEBUG"):
                 raise
+            if err is None:
+                log.error("".join(traceback.format_exception(exc)))
+                raise SystemExit(1) from None
             print(f"gpsr: error: {one_line(err)}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         finally:
