@@ -49,7 +49,14 @@ from gpsr.utils.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger("gpsr.calibrate")
 
-__all__ = ["calibrate", "file_sha256", "sampler_record", "load_calibration", "main"]
+__all__ = [
+    "calibrate",
+    "calibrated_lambda",
+    "file_sha256",
+    "sampler_record",
+    "load_calibration",
+    "main",
+]
 
 FORMAT = "gpsr-calibration-1"
 
@@ -130,6 +137,17 @@ def load_calibration(path: str | Path, ckpt: str | Path, record: dict[str, Any])
             f"use those or calibrate again"
         )
     return cal
+
+
+def calibrated_lambda(cfg: DictConfig, steps: int) -> float | None:
+    """The lambda of `calibration=` for an entry point's config, checked against the
+    checkpoint and the sampler settings (with `steps` the steps actually sampled), or None
+    without one; before any model is loaded or any sampling starts."""
+    if not cfg.get("calibration"):
+        return None
+    if cfg.sampler.samples < 2:
+        raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
+    return load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))["lambda"]
 
 
 def _subset_rows(losses: np.ndarray, widths: np.ndarray, alpha: float, delta: float) -> list:

@@ -28,9 +28,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
-from gpsr.calibrate import load_calibration, sampler_record
+from gpsr.calibrate import calibrated_lambda
 from gpsr.configs import register as register_schemas
 from gpsr.diffusion import add_diagnostic, diagnostic_means
+from gpsr.learned import build_learned
 from gpsr.metrics import SRMetrics
 from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
@@ -150,6 +151,28 @@ def _projected_base(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> 
     return "gpsr" if "gpsr" in methods else "flow"
 
 
+def check_metric_settings(cfg: DictConfig) -> None:
+    """metrics.extras / y_channel true or false, metrics.crop_border an integer >= 0, or one
+    line naming the setting."""
+    settings = cfg.get("metrics") or {}
+    for key in ("extras", "y_channel"):
+        if not isinstance(settings.get(key, False), bool):
+            raise ConfigError(f"metrics.{key} must be true or false, got {settings.get(key)!r}")
+    crop = settings.get("crop_border", 0)
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+        raise ConfigError(f"metrics.crop_border must be an integer >= 0, got {crop!r}")
+
+
+def mean_method(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> str | None:
+    """With K >= 2 samples, the sampled method whose per-pixel mean of the K samples is
+    reported as `<method>_mean` (GPSR, else flow-only sampling): the estimate that
+    maximises expected PSNR, at the other end of the perception-distortion trade-off from
+    one sample."""
+    if cfg.sampler.samples < 2:
+        return None
+    return "gpsr" if "gpsr" in methods else "flow"
+
+
 def interval_method(methods: dict[str, tuple[Method, str]], cfg: DictConfig) -> str | None:
     """The method whose K samples give the per-pixel interval (docs/uncertainty.md): GPSR
     (flow-only sampling without a diffusion model), projected when `sampler.project`; None
@@ -173,10 +196,27 @@ def run_methods(
     (a calibrated lambda), at `lam`."""
     device = model.device
     proj_base = _projected_base(methods, cfg)
+    mean_of = mean_method(methods, cfg)
     names = list(methods) + ([f"{proj_base}_projected"] if proj_base else [])
+    if mean_of is not None:
+        names += [f"{mean_of}_mean"] + ([f"{mean_of}_mean_projected"] if proj_base else [])
     clean, noisy = noisy_evaluation(cfg)
+    settings = cfg.get("metrics") or {}
+    names = settings.get("learned") or []
+    learned = build_learned([names] if isinstance(names, str) else list(names), device)
     run = EvalRun(
-        {n: SRMetrics(model.scale, clean, noisy).to(device) for n in names},
+        {
+            n: SRMetrics(
+                model.scale,
+                clean,
+                noisy,
+                extras=bool(settings.get("extras", False)),
+                y_channel=bool(settings.get("y_channel", False)),
+                crop=int(settings.get("crop_border", 0)),
+                learned=learned,
+            ).to(device)
+            for n in names
+        },
         dict.fromkeys(names, 0.0),
     )
     if (target := interval_method(methods, cfg)) is not None:
@@ -209,13 +249,20 @@ def run_methods(
             run.seconds[f"{proj_base}_projected"] += time.perf_counter() - t0
             run.projection_iterations.append(iters.flatten())
             outputs[f"{proj_base}_projected"] = proj
+        if mean_of is not None:  # the per-pixel mean of the K samples (and its projection)
+            mean = outputs[mean_of].mean(1)
+            outputs[f"{mean_of}_mean"] = mean
+            if proj_base:
+                t0 = time.perf_counter()
+                outputs[f"{mean_of}_mean_projected"] = model.project(mean, lr, sigma)[0]
+                run.seconds[f"{mean_of}_mean_projected"] += time.perf_counter() - t0
         for name, out in outputs.items():
             for sr in out.unbind(1) if out.dim() == 5 else [out]:
                 run.metrics[name].update(sr, hr, lr, lr_clean, sigma)
         if run.intervals is not None:
             run.intervals[1].update(outputs[run.intervals[0]], hr)
         if run.panel is None:
-            last = next(reversed(outputs))
+            last = proj_base and f"{proj_base}_projected" or next(reversed(methods))
             firsts = {name: out[:, 0] if out.dim() == 5 else out for name, out in outputs.items()}
             std = outputs[last].std(1) if outputs[last].dim() == 5 else None
             width = None
@@ -237,15 +284,16 @@ def summarise(
     results: dict[str, dict[str, Any]] = {}
     for name, metric in run.metrics.items():
         base = name.removesuffix("_projected")
-        seconds = run.seconds[name] + (run.seconds[base] if name != base else 0.0)
+        sampled = base.removesuffix("_mean")  # gpsr_mean costs what gpsr costs
+        seconds = run.seconds[name] + (run.seconds[sampled] if name != sampled else 0.0)
         results[name] = {
             **metric.compute(worst=True),
             "seconds_per_image": seconds / run.images,
-            "nfe": nfe[base],
+            "nfe": nfe[sampled] if base == sampled else f"{nfe[sampled]} x{cfg.sampler.samples}",
         }
         if run.intervals is not None and run.intervals[0] == name:
             results[name].update(run.intervals[1].compute())
-        if name != base:
+        if name != base and base == sampled:
             results[name]["projection_iterations"] = {
                 "mean": its.mean().item(),
                 "max": int(its.max()),
@@ -361,18 +409,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
         )
-    lam = None
-    if cfg.get("calibration"):
-        if cfg.sampler.samples < 2:
-            raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
-        steps = cfg.sampler.steps if model.unet is not None else 0
-        cal = load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))
-        lam = cal["lambda"]
+    check_metric_settings(cfg)
+    lam = calibrated_lambda(cfg, cfg.sampler.steps if model.unet is not None else 0)
     loader = instantiate(cfg.data).eval_dataloader(cfg.split)
     methods = build_methods(model, cfg)
     run = run_methods(model, methods, loader, cfg, lam)
     summary = summarise(run, methods, model, cfg)
     if lam is not None:
+        cal = json.loads(Path(cfg.calibration).read_text())
         summary["calibration"] = {"file": str(cfg.calibration), **{
             k: cal[k] for k in ("lambda", "alpha", "delta", "bound", "images", "split")
         }}  # fmt: skip

@@ -14,13 +14,15 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from gpsr import ops
+from gpsr import ops, quality
+from gpsr.utils.errors import ConfigError
 
 __all__ = [
     "CONSISTENCY_UNIT",
     "SSIM",
     "Consistency",
     "DiscrepancyRatio",
+    "PerImage",
     "SRMetrics",
     "per_image_consistency",
     "psnr_metric",
@@ -153,25 +155,66 @@ def per_image_consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int) -> tor
     return ((ops.degrade(sr.double(), scale) - lr.double()) ** 2).flatten(1).mean(1)
 
 
+class PerImage(_PerImageMean):
+    """Mean over images of a per-image value `fn(sr, hr) -> (N,)` (e.g. MS-SSIM, HaarPSI, the
+    power-spectrum error). update(sr, hr): (N, C, H, W) each in [0, 1]."""
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(1, **kwargs)
+        self.fn = fn
+
+    def update(self, sr: torch.Tensor, hr: torch.Tensor) -> None:
+        self._add(self.fn(sr, hr).double())
+
+
 class SRMetrics(nn.Module):
     """PSNR, SSIM and consistency of one method, updated together; with `clean`, the
     consistency with the clean LR image, and with `discrepancy`, the discrepancy ratio
-    (noisy LR images, docs/method.md §10).
+    (noisy LR images, docs/method.md §10); with `extras`, the metrics that need no weights
+    (docs/metrics.md): MS-SSIM, HaarPSI, the power-spectrum error and the SWD with its
+    bootstrap spread; `y_channel` and `crop` (pixels per side) set the SR tables'
+    convention for PSNR and SSIM (default: RGB, no crop, the paper's); `learned` maps names
+    (`lpips_alex`, `lpips_vgg`) to per-image functions from `gpsr.learned.build_learned`.
 
     update(sr, hr, lr, lr_clean=None, sigma=None): sr, hr (N, C, H, W) in [0, 1]; lr (N, C,
     H/s, W/s) in [0, 1] units, the LR the method was given; lr_clean the noise-free one
     (with `clean`); sigma (N,) the noise level the sampler used (with `discrepancy`).
     compute() -> {"psnr", "ssim", "consistency"[, "consistency_clean"][,
-    "discrepancy_ratio"]} as floats (consistencies x 1e5).
+    "discrepancy_ratio"][, "ms_ssim", "haarpsi", "psd_error", "swd", "swd_spread"]} as floats
+    (consistencies x 1e5, SWD x 1e3).
     """
 
-    def __init__(self, scale: int, clean: bool = False, discrepancy: bool = False):
+    def __init__(
+        self,
+        scale: int,
+        clean: bool = False,
+        discrepancy: bool = False,
+        extras: bool = False,
+        y_channel: bool = False,
+        crop: int = 0,
+        learned: dict | None = None,
+    ):
         super().__init__()
         self.psnr = psnr_metric()
         self.ssim = ssim_metric()
         self.consistency = Consistency(scale)
         self.consistency_clean = Consistency(scale) if clean else None
         self.discrepancy_ratio = DiscrepancyRatio(scale) if discrepancy else None
+        self.y_channel, self.crop = y_channel, crop
+        self.quality = (
+            nn.ModuleDict(
+                {
+                    "ms_ssim": PerImage(quality.per_image_ms_ssim),
+                    "haarpsi": PerImage(quality.per_image_haarpsi),
+                    "psd_error": PerImage(quality.per_image_psd_error),
+                }
+            )
+            if extras
+            else None
+        )
+        self.swd = quality.SlicedWasserstein() if extras else None
+        # Learned metrics (gpsr.learned.build_learned): one shared network each, per-image means here.
+        self.learned = nn.ModuleDict({k: PerImage(fn) for k, fn in (learned or {}).items()})
 
     def update(
         self,
@@ -182,9 +225,23 @@ class SRMetrics(nn.Module):
         sigma: torch.Tensor | None = None,
     ) -> None:
         sr, hr = sr.float(), hr.float()
-        self.psnr.update(sr, hr)
-        self.ssim.update(sr, hr)
+        # The SR tables' conventions apply to PSNR and SSIM only (Y channel, border crop).
+        a, b = (quality.to_y(sr), quality.to_y(hr)) if self.y_channel else (sr, hr)
+        if self.crop and min(sr.shape[-2:]) - 2 * self.crop <= SSIM.kernel_size:
+            raise ConfigError(
+                f"metrics.crop_border={self.crop} leaves too little of a {sr.shape[-1]}x"
+                f"{sr.shape[-2]} image for SSIM's 11-pixel window: lower it"
+            )
+        a, b = quality.crop_border(a, self.crop), quality.crop_border(b, self.crop)
+        self.psnr.update(a, b)
+        self.ssim.update(a, b)
         self.consistency.update(sr, lr)
+        if self.quality is not None:
+            for metric in self.quality.values():
+                metric.update(sr, hr)
+            self.swd.update(sr, hr)
+        for metric in self.learned.values():
+            metric.update(sr, hr)
         if self.consistency_clean is not None:
             if lr_clean is None:
                 raise ValueError("SRMetrics(clean=True).update needs lr_clean")
@@ -209,6 +266,10 @@ class SRMetrics(nn.Module):
             "ssim": float(self.ssim.compute()),
             "consistency": float(self.consistency.compute()),
         }
+        if self.quality is not None:
+            out.update({name: float(m.compute()) for name, m in self.quality.items()})
+            out["swd"], out["swd_spread"] = self.swd.compute()
+        out.update({name: float(m.compute()) for name, m in self.learned.items()})
         if worst:
             out["consistency_max"] = float(self.consistency.compute_worst())
         for name, metric in self._extras():

@@ -83,19 +83,29 @@ def results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """The Table 1-style Markdown table of (method, results) rows, as `gpsr.evaluate` writes
     them (nfe, psnr, ssim, consistency, seconds_per_image); with noisy LR images also the
     consistency with the clean LR and the discrepancy ratio (mean / max over images), and
-    with K >= 2 samples the interval's miscoverage and width (calibrated / lambda = 1), when
-    any row has them (absent or None: an empty cell)."""
+    with K >= 2 samples the interval's miscoverage and width (calibrated / lambda = 1), and
+    the weight-free quality metrics (docs/metrics.md), when any row has them (absent or
+    None: empty cells)."""
     has = lambda key: any(m.get(key) is not None for _, m in rows)  # noqa: E731
     clean, ratio = has("consistency_clean"), has("discrepancy_ratio")
     cov = has("miscoverage_uncalibrated")
+    qual = has("ms_ssim")
     head = "| Method | NFEs | PSNR | SSIM | Consistency (x1e-5) |"
+    head += " MS-SSIM | HaarPSI | PSD error | SWD (x1e3) +/- spread |" * qual
     head += " Consistency clean (x1e-5) |" * clean + " Discrepancy ratio mean / max |" * ratio
     head += " Outside interval calibrated / lambda=1 | Interval width calibrated / lambda=1 |" * cov
-    lines = [head + " s / image |", "|---" * (6 + clean + ratio + 2 * cov) + "|"]
+    lines = [head + " s / image |", "|---" * (6 + 4 * qual + clean + ratio + 2 * cov) + "|"]
     for name, m in rows:
         row = (
             f"| {name} | {m['nfe']} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['consistency']:.4g} |"
         )
+        if qual:
+            row += (
+                f" {m['ms_ssim']:.4f} | {m['haarpsi']:.4f} | {m['psd_error']:.3f} |"
+                f" {m['swd']:.1f} +/- {m['swd_spread']:.1f} |"
+                if m.get("ms_ssim") is not None
+                else " | | | |"
+            )
         if clean:
             cc = m.get("consistency_clean")
             row += f" {cc:.4g} |" if cc is not None else " |"

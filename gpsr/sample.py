@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from gpsr import ops
-from gpsr.calibrate import load_calibration, sampler_record
+from gpsr.calibrate import calibrated_lambda
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.diffusion import SPACINGS
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
@@ -78,17 +78,6 @@ def list_inputs(src: Path) -> list[Path]:
         )
         raise InputNotFoundError(f"input={src} holds no files{where}")
     return files
-
-
-def calibrated_lambda(cfg: DictConfig) -> float | None:
-    """The lambda of `calibration=` (checked against the checkpoint and the sampler
-    settings, before any model is loaded), or None without one."""
-    if not cfg.get("calibration"):
-        return None
-    if cfg.sampler.samples < 2:
-        raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
-    cal = load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, cfg.sampler.steps))
-    return cal["lambda"]
 
 
 def width_png(width: torch.Tensor, bar: int = 24) -> np.ndarray:
@@ -206,7 +195,7 @@ def sample_images(cfg: DictConfig) -> int:
     src, out_dir = Path(cfg.input), Path(cfg.output)
     tiling = check_settings(cfg)
     files = list_inputs(src)
-    lam = calibrated_lambda(cfg)
+    lam = calibrated_lambda(cfg, cfg.sampler.steps)
     plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float, lam is not None)
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)

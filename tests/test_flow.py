@@ -1,11 +1,13 @@
 """The degradation flow: invertibility, log-det, learned degradation, bad settings."""
 
+import math
+
 import pytest
 import torch
 
 from gpsr import ops
 from gpsr.models.flow import DegradationFlow, block_position
-from tests.helpers import tiny_flow
+from tests.helpers import randomize_, tiny_flow
 
 
 @pytest.mark.parametrize(
@@ -224,3 +226,38 @@ def test_position_adds_nothing_at_scale_2_and_two_channels_per_conv_above():
         # same with 6 output channels; 3 x 3 kernels.
         extra = 2 * 9 * ((2 * 4 + 18) + (2 * 4 + 6))
         assert count(scale, True) == (True, count(scale, False)[1] + 2 * extra)
+
+
+def test_soft_clamp_is_alpha_times_two_over_pi_arctan_of_s_over_alpha():
+    """Checked at points where the formula is known in closed form: s = alpha gives alpha/2
+    (atan 1 = pi/4), s -> infinity gives alpha, s = -alpha gives -alpha/2, and the slope at 0
+    is 2/pi whatever alpha. A wrong alpha inside or outside the arctan fails."""
+    from gpsr.models.flow import soft_clamp
+
+    for alpha in (0.5, 2.0, 3.0):
+        s = torch.tensor([alpha, -alpha, 1e12, 0.0], dtype=torch.float64)
+        out = soft_clamp(s, alpha)
+        assert out[0].item() == pytest.approx(alpha / 2, rel=1e-12)
+        assert out[1].item() == pytest.approx(-alpha / 2, rel=1e-12)
+        assert out[2].item() == pytest.approx(alpha, rel=1e-9)
+        assert out[3].item() == 0.0
+        h = 1e-6
+        slope = (soft_clamp(torch.tensor(h, dtype=torch.float64), alpha) / h).item()
+        assert slope == pytest.approx(2 / math.pi, rel=1e-9)
+
+
+def test_coupling_log_scales_obey_the_configured_clamp():
+    """A coupling block built with clamp=0.5 never scales by more than exp(+/-0.5), however
+    large its raw log-scales (and gets close to it): it uses its own alpha, not the
+    default 2."""
+    from gpsr.models.flow import CouplingBlock
+
+    block = CouplingBlock(3, num_convs=2, growth=4, clamp=0.5).double()
+    randomize_(block, std=3.0)  # raw log-scales far beyond the clamp
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen)
+    d = torch.randn(2, 9, 8, 8, dtype=torch.float64, generator=gen)
+    for net, x in ((block.predict, c), (block.update, d)):
+        log_scale, _ = block._scale_shift(net, x)
+        assert log_scale.abs().max().item() < 0.5
+        assert log_scale.abs().max().item() > 0.45  # the clamp is reached, not avoided

@@ -272,3 +272,20 @@ def test_the_results_table_shows_interval_columns_when_a_row_has_them():
     assert lines[2].endswith("| | | 0.1000 |")  # no interval: empty cells
     assert "| 0.0300 / 0.4600 | 0.1800 / 0.0320 |" in lines[3]
     assert "| - / 0.5000 | - / 0.0200 |" in lines[4]
+
+
+@pytest.mark.slow
+def test_calibrate_command_line(ddpm_ckpt, tmp_path):
+    """`python -m gpsr.calibrate` as a user runs it: a bad setting is one line, exit 1; a
+    good run writes calibration.json into its run folder."""
+    from tests.helpers import run_cli
+
+    bad = run_cli("calibrate", f"ckpt={ddpm_ckpt}", "risk.alpha=1.5", cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "gpsr: error: risk.alpha must be a number in (0, 1), got 1.5"
+    run_cli(
+        "calibrate", f"ckpt={ddpm_ckpt}", "risk.alpha=0.3", "risk.delta=0.3", "sampler.samples=2",
+        "sampler.steps=1", "progress=false", f"hydra.run.dir={tmp_path / 'cal'}", cwd=tmp_path,
+    )  # fmt: skip
+    record = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert record["images"] == 8 and record["sampler"]["samples"] == 2

@@ -1,0 +1,220 @@
+"""Weight-free quality metrics against independent references: scikit-image's YCbCr and
+PSNR, numpy's FFT with explicit radial bins, scipy's 1-D Wasserstein distance, piq's MS-SSIM;
+and their place in gpsr.evaluate (keys, the mean of K samples, the SR conventions)."""
+
+import numpy as np
+import pytest
+import torch
+
+from gpsr import ops, quality
+from gpsr.metrics import SRMetrics
+from tests.helpers import compose_cfg
+
+
+def _images(n=3, size=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hr = torch.rand(n, 3, size, size, generator=gen)
+    sr = (hr + 0.08 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
+    return sr, hr
+
+
+def test_y_channel_psnr_and_border_crop_match_scikit_image():
+    from skimage.color import rgb2ycbcr
+    from skimage.metrics import peak_signal_noise_ratio
+
+    sr, hr = _images()
+    y = quality.to_y(hr)
+    ref = rgb2ycbcr(hr[0].permute(1, 2, 0).double().numpy())[..., 0] / 255
+    np.testing.assert_allclose(y[0, 0].numpy(), ref, atol=1e-6)
+    m = SRMetrics(4, y_channel=True, crop=4)
+    m.update(sr, hr, ops.degrade(hr, 4))
+    expected = np.mean(
+        [
+            peak_signal_noise_ratio(
+                rgb2ycbcr(h.permute(1, 2, 0).double().numpy())[4:-4, 4:-4, 0] / 255,
+                rgb2ycbcr(s.permute(1, 2, 0).double().numpy())[4:-4, 4:-4, 0] / 255,
+                data_range=1.0,
+            )
+            for s, h in zip(sr, hr)
+        ]
+    )
+    assert m.compute()["psnr"] == pytest.approx(expected, abs=2e-3)
+
+
+def _radial_psd_by_loops(img: np.ndarray) -> np.ndarray:
+    """The radial spectrum of one (C, H, W) image, frequency by frequency."""
+    c, h, w = img.shape
+    bins = min(h, w) // 2
+    sums, counts = np.zeros(bins), np.zeros(bins)
+    for ch in range(c):
+        f = np.fft.fft2(img[ch] - img[ch].mean())
+        for i in range(h):
+            for j in range(w):
+                fy = i / h if i < (h + 1) // 2 else (i - h) / h
+                fx = j / w if j < (w + 1) // 2 else (j - w) / w
+                k = int(np.round(np.hypot(fy, fx) * min(h, w)))
+                if 1 <= k <= bins:
+                    sums[k - 1] += abs(f[i, j]) ** 2 / (h * w) / c
+                    counts[k - 1] += 1 / c
+    return sums / counts
+
+
+def test_radial_spectrum_and_its_error_match_numpy():
+    sr, hr = _images(n=2, size=24)
+    hr = hr[..., :20]  # not square
+    sr = sr[..., :20]
+    got = quality.radial_psd(hr).numpy()
+    for i in range(2):
+        np.testing.assert_allclose(got[i], _radial_psd_by_loops(hr[i].double().numpy()), rtol=1e-10)
+    a = np.stack([_radial_psd_by_loops(x.double().numpy()) for x in sr])
+    b = np.stack([_radial_psd_by_loops(x.double().numpy()) for x in hr])
+    half = a.shape[1] // 2
+    ref = np.abs(np.log10(a[:, half:] + 1e-12) - np.log10(b[:, half:] + 1e-12)).mean(1)
+    np.testing.assert_allclose(quality.per_image_psd_error(sr, hr).numpy(), ref, rtol=1e-9)
+    assert quality.per_image_psd_error(hr, hr).abs().max() == 0
+
+
+def test_blur_shows_in_the_spectrum_error_more_the_stronger_it_is():
+    import torchvision.transforms.v2.functional as TF
+
+    _, hr = _images(n=2, size=64)
+    light, heavy = (quality.per_image_psd_error(TF.gaussian_blur(hr, 5, s), hr) for s in (0.6, 1.5))
+    assert (light > 0.1).all() and (heavy > light).all()
+
+
+def test_sliced_wasserstein_is_the_mean_1d_wasserstein_of_the_projections():
+    from scipy.stats import wasserstein_distance
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(200, 12, generator=gen, dtype=torch.float64)
+    b = torch.randn(200, 12, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    dirs = torch.randn(12, 40, generator=gen, dtype=torch.float64)
+    got = quality.sliced_wasserstein(a, b, dirs=dirs).item()
+    na = ((a - a.mean(0)) / a.std(0)).numpy()
+    nb = ((b - b.mean(0)) / b.std(0)).numpy()
+    unit = (dirs / dirs.norm(dim=0)).numpy()
+    ref = np.mean([wasserstein_distance(na @ unit[:, j], nb @ unit[:, j]) for j in range(40)])
+    assert got == pytest.approx(ref, rel=1e-10)
+    assert quality.sliced_wasserstein(a, a).item() == 0
+
+
+def test_ms_ssim_agrees_with_piq_where_five_scales_fit_and_uses_fewer_on_tiles():
+    import piq
+
+    sr, hr = _images(n=2, size=192)
+    ours = quality.per_image_ms_ssim(sr, hr)
+    theirs = piq.multi_scale_ssim(sr.double(), hr.double(), data_range=1.0, reduction="none")
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=2e-3)
+    assert quality.ms_ssim_scales(192, 192) == 5 and quality.ms_ssim_scales(32, 32) == 2
+    small = quality.per_image_ms_ssim(*_images(n=2, size=32))
+    assert ((small > 0) & (small < 1)).all()
+
+
+def test_the_weight_free_metrics_in_sr_metrics():
+    sr, hr = _images(n=4)
+    m = SRMetrics(4, extras=True)
+    m.update(sr, hr, ops.degrade(hr, 4))
+    out = m.compute()
+    for key in ("ms_ssim", "haarpsi", "psd_error", "swd", "swd_spread"):
+        assert np.isfinite(out[key]), key
+    same = SRMetrics(4, extras=True)
+    same.update(hr, hr, ops.degrade(hr, 4))
+    same_out = same.compute()
+    assert same_out["haarpsi"] == pytest.approx(1.0) and same_out["ms_ssim"] == pytest.approx(1.0)
+    assert same_out["swd"] == 0 and same_out["psd_error"] == 0
+    assert out["swd"] > 0 and out["haarpsi"] < 1
+
+
+def test_evaluate_reports_the_mean_of_k_samples_and_the_new_metrics(ddpm_ckpt, tmp_path):
+    from gpsr.evaluate import evaluate
+
+    cfg = compose_cfg(
+        [f"ckpt={ddpm_ckpt}", "sampler.samples=2", "sampler.steps=1", "sampler.project=true",
+         "progress=false", "baselines=[bicubic]", "diagnostic_buckets=0", "limit_batches=1"],
+        name="evaluate", output_dir=tmp_path,
+    )  # fmt: skip
+    methods = evaluate(cfg)["methods"]
+    assert {"gpsr", "gpsr_projected", "gpsr_mean", "gpsr_mean_projected"} <= set(methods)
+    assert methods["gpsr_mean"]["nfe"] == "1+1 x2"
+    for key in ("ms_ssim", "haarpsi", "psd_error", "swd", "swd_spread"):
+        assert key in methods["bicubic"] and key in methods["gpsr_mean"], key
+    assert methods["gpsr_mean_projected"]["consistency"] < 1e-3
+    assert "MS-SSIM" in (tmp_path / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("metrics.crop_border=-1", "metrics.crop_border must be an integer >= 0"),
+        ("metrics.y_channel=maybe", "metrics.y_channel must be true or false"),
+        ("metrics.crop_border=12", "metrics.crop_border=12 leaves too little"),
+    ],
+)
+def test_bad_metric_settings_are_one_line(override, words, ddpm_ckpt, tmp_path):
+    from gpsr.evaluate import evaluate
+    from gpsr.utils.errors import ConfigError
+
+    cfg = compose_cfg(
+        [f"ckpt={ddpm_ckpt}", override, "sampler.steps=1", "progress=false", "limit_batches=1",
+         "baselines=[bicubic]", "diagnostic_buckets=0"],
+        name="evaluate", output_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        evaluate(cfg)
+
+
+def _random_alexnet_in_hub_cache(tmp_path, monkeypatch) -> None:
+    """Random AlexNet weights, saved as torchvision's file in a fresh TORCH_HOME."""
+    import torchvision
+
+    from gpsr.learned import weight_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = weight_file("lpips_alex")
+    assert path.parent == tmp_path / "torch" / "hub" / "checkpoints"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+
+
+def test_lpips_loads_weights_from_the_hub_cache_and_agrees_with_the_lpips_package(
+    tmp_path, monkeypatch
+):
+    """The same random backbone, loaded offline by torchmetrics (gpsr) and by the authors'
+    `lpips` package (their linear layers ship with each): the same per-image values."""
+    import lpips
+
+    from gpsr.learned import build_learned
+
+    _random_alexnet_in_hub_cache(tmp_path, monkeypatch)
+    fn = build_learned(["lpips_alex"], torch.device("cpu"))["lpips_alex"]
+    sr, hr = _images(n=3, size=64)
+    with torch.no_grad():
+        reference = lpips.LPIPS(net="alex", verbose=False)(sr * 2 - 1, hr * 2 - 1).flatten()
+    np.testing.assert_allclose(fn(sr, hr).numpy(), reference.double().numpy(), rtol=1e-5)
+    assert fn(hr, hr).abs().max() < 1e-6
+
+
+def test_missing_learned_weights_are_refused_before_sampling(tmp_path, monkeypatch, ddpm_ckpt):
+    import urllib.error
+
+    from gpsr import evaluate as module
+    from gpsr.utils.errors import ConfigError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(module.GPSR, "super_resolve", lambda *a, **k: pytest.fail("sampled"))
+    cfg = compose_cfg(
+        [f"ckpt={ddpm_ckpt}", "metrics.learned=[lpips_alex]", "sampler.steps=1",
+         "progress=false", "diagnostic_buckets=0"],
+        name="evaluate", output_dir=tmp_path / "out",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        module.evaluate(cfg)
+    msg = str(err.value)
+    assert "alexnet-owt-7be5be79.pth" in msg and str(tmp_path / "empty") in msg
+    assert "no network" in msg and "\n" not in msg
