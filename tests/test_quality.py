@@ -123,6 +123,10 @@ def test_the_weight_free_metrics_in_sr_metrics():
     assert same_out["haarpsi"] == pytest.approx(1.0) and same_out["ms_ssim"] == pytest.approx(1.0)
     assert same_out["swd"] == 0 and same_out["psd_error"] == 0
     assert out["swd"] > 0 and out["haarpsi"] < 1
+    halves = quality.SlicedWasserstein()
+    halves.update(sr[:2], hr[:2])
+    halves.update(sr[2:], hr[2:])
+    assert halves.compute() == pytest.approx((out["swd"], out["swd_spread"]))  # any batching
 
 
 def test_evaluate_reports_the_mean_of_k_samples_and_the_new_metrics(ddpm_ckpt, tmp_path):
