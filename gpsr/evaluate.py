@@ -31,7 +31,7 @@ from gpsr import ops
 from gpsr.calibrate import calibrated_lambda
 from gpsr.configs import register as register_schemas
 from gpsr.diffusion import add_diagnostic, diagnostic_means
-from gpsr.learned import build_learned
+from gpsr.learned import build_learned, build_set_metrics
 from gpsr.metrics import SRMetrics
 from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
@@ -203,7 +203,9 @@ def run_methods(
     clean, noisy = noisy_evaluation(cfg)
     settings = cfg.get("metrics") or {}
     names = settings.get("learned") or []
-    learned = build_learned([names] if isinstance(names, str) else list(names), device)
+    names = [names] if isinstance(names, str) else list(names)
+    learned = build_learned(names, device)
+    sets = build_set_metrics(names)
     run = EvalRun(
         {
             n: SRMetrics(
@@ -214,6 +216,7 @@ def run_methods(
                 y_channel=bool(settings.get("y_channel", False)),
                 crop=int(settings.get("crop_border", 0)),
                 learned=learned,
+                sets=sets,
             ).to(device)
             for n in names
         },

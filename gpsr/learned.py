@@ -1,5 +1,6 @@
 """Metrics with pretrained networks (docs/metrics.md): LPIPS with AlexNet or VGG-16
-(Zhang et al., CVPR 2018), torchmetrics' implementation.
+(Zhang et al., CVPR 2018), and FID / KID on Inception-v3 pool features (the torch-fidelity
+convention of SR3 / IDM tables), torchmetrics' implementations.
 
 Their weights are torchvision's ImageNet backbones (plus LPIPS' linear layers, which
 torchmetrics ships). Where the network is reachable the library downloads a missing backbone
@@ -18,16 +19,29 @@ import torch
 
 from gpsr.utils.errors import ConfigError
 
-__all__ = ["LEARNED", "weight_file", "build_learned"]
+__all__ = [
+    "LEARNED",
+    "SET_METRICS",
+    "INCEPTION_FILE",
+    "weight_file",
+    "build_learned",
+    "build_set_metrics",
+]
 
 # metrics.learned name -> (torchmetrics' net_type, torchvision's weights enum name)
 LEARNED = {"lpips_alex": ("alex", "AlexNet_Weights"), "lpips_vgg": ("vgg", "VGG16_Weights")}
 
 
+SET_METRICS = ("fid", "kid")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
+
+
 def weight_file(name: str) -> Path:
-    """Where torchvision keeps the backbone of metric `name`: the hub cache's checkpoints."""
+    """Where the library keeps the network of metric `name`: the hub cache's checkpoints."""
     import torchvision
 
+    if name in SET_METRICS:
+        return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     weights = getattr(torchvision.models, LEARNED[name][1]).DEFAULT
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
@@ -40,27 +54,20 @@ def build_learned(
     cannot be downloaded are one-line ConfigErrors."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    unknown = [n for n in names if n not in LEARNED]
+    unknown = [n for n in names if n not in LEARNED and n not in SET_METRICS]
     if unknown:
         raise ConfigError(
             f"metrics.learned: unknown {', '.join(map(str, unknown))}; choose from "
-            f"{', '.join(LEARNED)}"
+            f"{', '.join([*LEARNED, *SET_METRICS])}"
         )
     fns = {}
-    for name in names:
+    for name in [n for n in names if n in LEARNED]:
         try:
             metric = LearnedPerceptualImagePatchSimilarity(
                 net_type=LEARNED[name][0], normalize=True
             )
         except (OSError, RuntimeError) as err:  # URLError is an OSError
-            path = weight_file(name)
-            reason = getattr(err, "reason", None) or type(err).__name__
-            raise ConfigError(
-                f"metrics.learned={name} needs {path.name} (torchvision's {LEARNED[name][1]} "
-                f"ImageNet weights) in {path.parent}, and it could not be downloaded "
-                f"({reason}): copy it there, or set TORCH_HOME to a folder whose "
-                f"hub/checkpoints holds it"
-            ) from None
+            raise _refuse(name, err) from None
         net = metric.net.to(device).eval()
 
         def fn(sr: torch.Tensor, hr: torch.Tensor, net=net) -> torch.Tensor:
@@ -69,3 +76,62 @@ def build_learned(
 
         fns[name] = fn
     return fns
+
+
+def _refuse(name: str, err: Exception) -> ConfigError:
+    path = weight_file(name)
+    what = (
+        "the Inception-v3 FID weights of torch-fidelity"
+        if name in SET_METRICS
+        else (f"torchvision's {LEARNED[name][1]} ImageNet weights")
+    )
+    reason = getattr(err, "reason", None) or type(err).__name__
+    return ConfigError(
+        f"metrics.learned={name} needs {path.name} ({what}) in {path.parent}, and it could not "
+        f"be downloaded ({reason}): copy it there, or set TORCH_HOME to a folder whose "
+        f"hub/checkpoints holds it"
+    )
+
+
+def _inception(feature: int) -> torch.nn.Module:
+    """torchmetrics' Inception-v3 feature extractor (torch-fidelity's network), weights from
+    the hub cache (checked to load with weights_only=True first: torch-fidelity itself
+    loads the file without that guard) or downloaded there by torch-fidelity."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    path = weight_file("fid")
+    if path.is_file():
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(
+                f"{path} is not a plain weights file (refused by torch.load(weights_only=True): "
+                f"{type(err).__name__}); replace it with torch-fidelity's {INCEPTION_FILE}"
+            ) from None
+    try:
+        return NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(feature)],
+            feature_extractor_weights_path=str(path) if path.is_file() else None,
+        )
+    except (OSError, RuntimeError) as err:
+        raise _refuse("fid", err) from None
+
+
+def build_set_metrics(names: Sequence[str], feature: int = 2048) -> dict[str, object]:
+    """name -> a factory of fresh torchmetrics FID / KID objects (inputs (N, 3, H, W) uint8,
+    HR as real, SR as fake: `SRMetrics` rounds its [0, 1] images), all sharing one
+    Inception-v3 network; refused in one
+    line, before any sampling, when its weights are missing and cannot be downloaded."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    wanted = [n for n in names if n in SET_METRICS]
+    if not wanted:
+        return {}
+    net = _inception(feature)
+    factories = {
+        "fid": lambda: FrechetInceptionDistance(feature=net),
+        "kid": lambda: KernelInceptionDistance(feature=net, subset_size=1000),
+    }
+    return {n: factories[n] for n in wanted}

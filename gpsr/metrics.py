@@ -167,6 +167,24 @@ class PerImage(_PerImageMean):
         self._add(self.fn(sr, hr).double())
 
 
+def _set_value(name: str, metric) -> dict[str, float]:
+    """FID -> {"fid"}; KID -> {"kid", "kid_spread"} (mean and standard deviation over random
+    subsets of min(1000, n) images, drawn with a fixed seed). NaN with fewer than 2 images."""
+    import math
+
+    n = int(sum(x.shape[0] for x in metric.fake_features)) if name == "kid" else None
+    try:
+        if name == "fid":
+            return {"fid": float(metric.compute())}
+        metric.subset_size = min(1000, n)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            mean, std = metric.compute()
+        return {"kid": float(mean), "kid_spread": float(std)}
+    except (ValueError, RuntimeError):
+        return {name: math.nan, **({"kid_spread": math.nan} if name == "kid" else {})}
+
+
 class SRMetrics(nn.Module):
     """PSNR, SSIM and consistency of one method, updated together; with `clean`, the
     consistency with the clean LR image, and with `discrepancy`, the discrepancy ratio
@@ -174,7 +192,9 @@ class SRMetrics(nn.Module):
     (docs/metrics.md): MS-SSIM, HaarPSI, the power-spectrum error and the SWD with its
     bootstrap spread; `y_channel` and `crop` (pixels per side) set the SR tables'
     convention for PSNR and SSIM (default: RGB, no crop, the paper's); `learned` maps names
-    (`lpips_alex`, `lpips_vgg`) to per-image functions from `gpsr.learned.build_learned`.
+    (`lpips_alex`, `lpips_vgg`) to per-image functions from `gpsr.learned.build_learned`,
+    `sets` names (`fid`, `kid`) to factories of their metric objects
+    (`gpsr.learned.build_set_metrics`).
 
     update(sr, hr, lr, lr_clean=None, sigma=None): sr, hr (N, C, H, W) in [0, 1]; lr (N, C,
     H/s, W/s) in [0, 1] units, the LR the method was given; lr_clean the noise-free one
@@ -193,6 +213,7 @@ class SRMetrics(nn.Module):
         y_channel: bool = False,
         crop: int = 0,
         learned: dict | None = None,
+        sets: dict | None = None,
     ):
         super().__init__()
         self.psnr = psnr_metric()
@@ -215,6 +236,8 @@ class SRMetrics(nn.Module):
         self.swd = quality.SlicedWasserstein() if extras else None
         # Learned metrics (gpsr.learned.build_learned): one shared network each, per-image means here.
         self.learned = nn.ModuleDict({k: PerImage(fn) for k, fn in (learned or {}).items()})
+        # FID / KID (gpsr.learned.build_set_metrics): HR images as the real set, SR as fake.
+        self.sets = nn.ModuleDict({k: make() for k, make in (sets or {}).items()})
 
     def update(
         self,
@@ -242,6 +265,9 @@ class SRMetrics(nn.Module):
             self.swd.update(sr, hr)
         for metric in self.learned.values():
             metric.update(sr, hr)
+        for metric in self.sets.values():  # the Inception network takes 8-bit images
+            metric.update((hr.clamp(0, 1) * 255).round().byte(), real=True)
+            metric.update((sr.clamp(0, 1) * 255).round().byte(), real=False)
         if self.consistency_clean is not None:
             if lr_clean is None:
                 raise ValueError("SRMetrics(clean=True).update needs lr_clean")
@@ -270,6 +296,8 @@ class SRMetrics(nn.Module):
             out.update({name: float(m.compute()) for name, m in self.quality.items()})
             out["swd"], out["swd_spread"] = self.swd.compute()
         out.update({name: float(m.compute()) for name, m in self.learned.items()})
+        for name, metric in self.sets.items():
+            out.update(_set_value(name, metric))
         if worst:
             out["consistency_max"] = float(self.consistency.compute_worst())
         for name, metric in self._extras():

@@ -199,7 +199,13 @@ def test_lpips_loads_weights_from_the_hub_cache_and_agrees_with_the_lpips_packag
     assert fn(hr, hr).abs().max() < 1e-6
 
 
-def test_missing_learned_weights_are_refused_before_sampling(tmp_path, monkeypatch, ddpm_ckpt):
+@pytest.mark.parametrize(
+    "name, file", [("lpips_alex", "alexnet-owt-7be5be79.pth"),
+                   ("fid", "weights-inception-2015-12-05-6726825d.pth")]
+)  # fmt: skip
+def test_missing_learned_weights_are_refused_before_sampling(
+    tmp_path, monkeypatch, ddpm_ckpt, name, file
+):
     import urllib.error
 
     from gpsr import evaluate as module
@@ -213,12 +219,86 @@ def test_missing_learned_weights_are_refused_before_sampling(tmp_path, monkeypat
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(module.GPSR, "super_resolve", lambda *a, **k: pytest.fail("sampled"))
     cfg = compose_cfg(
-        [f"ckpt={ddpm_ckpt}", "metrics.learned=[lpips_alex]", "sampler.steps=1",
+        [f"ckpt={ddpm_ckpt}", f"metrics.learned=[{name}]", "sampler.steps=1",
          "progress=false", "diagnostic_buckets=0"],
         name="evaluate", output_dir=tmp_path / "out",
     )  # fmt: skip
     with pytest.raises(ConfigError) as err:
         module.evaluate(cfg)
     msg = str(err.value)
-    assert "alexnet-owt-7be5be79.pth" in msg and str(tmp_path / "empty") in msg
+    assert file in msg and str(tmp_path / "empty") in msg
     assert "no network" in msg and "\n" not in msg
+
+
+def _random_inception_in_hub_cache(tmp_path, monkeypatch) -> None:
+    """Random Inception-v3 weights in torch-fidelity's file format and name, in a fresh
+    TORCH_HOME (the network built with its default initialisation, its state saved)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from gpsr.learned import weight_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
+    path = weight_file("fid")
+    path.parent.mkdir(parents=True)
+    torch.save(net.state_dict(), path)
+
+
+@pytest.mark.slow
+def test_fid_and_kid_on_random_inception_weights_match_their_formulas(tmp_path, monkeypatch):
+    """FID against the Frechet distance of the same features in float64 with scipy's sqrtm;
+    KID against the unbiased MMD^2 with the cubic polynomial kernel, on one subset holding
+    every image."""
+    from scipy.linalg import sqrtm
+
+    from gpsr.learned import _inception, build_set_metrics
+
+    _random_inception_in_hub_cache(tmp_path, monkeypatch)
+    sets = build_set_metrics(["fid", "kid"], feature=64)
+    gen = torch.Generator().manual_seed(0)
+    hr = torch.rand(40, 3, 32, 32, generator=gen)
+    sr = (hr * 0.7 + 0.15 * torch.rand(40, 3, 32, 32, generator=gen)).clamp(0, 1)
+    m = SRMetrics(4, sets=sets)
+    m.update(sr, hr, ops.degrade(hr, 4))
+    m.sets["kid"].subset_size = 40
+    out = m.compute()
+    net = _inception(64)
+    with torch.no_grad():
+        fr = net((hr * 255).round().byte()).double().numpy()
+        ff = net((sr * 255).round().byte()).double().numpy()
+    mu1, mu2 = fr.mean(0), ff.mean(0)
+    s1, s2 = np.cov(fr, rowvar=False), np.cov(ff, rowvar=False)
+    covmean = sqrtm(s1 @ s2).real
+    fid = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    assert out["fid"] == pytest.approx(fid, rel=1e-3)
+    d = fr.shape[1]
+    kxx, kyy = (fr @ fr.T / d + 1) ** 3, (ff @ ff.T / d + 1) ** 3
+    kxy = (fr @ ff.T / d + 1) ** 3
+    n = fr.shape[0]
+    mmd = (
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        - 2 * kxy.mean()
+    )
+    assert out["kid"] == pytest.approx(mmd, rel=1e-3)  # torchmetrics sums in float32
+
+
+def test_an_inception_file_that_is_not_plain_weights_is_refused(tmp_path, monkeypatch):
+    """torch-fidelity loads its weights without weights_only; gpsr checks the file first."""
+    from gpsr.learned import build_set_metrics, weight_file
+    from gpsr.utils.errors import ConfigError
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = weight_file("fid")
+    path.parent.mkdir(parents=True)
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ConfigError, match="not a plain weights file"):
+        build_set_metrics(["fid"])
