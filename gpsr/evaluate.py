@@ -35,7 +35,7 @@ from gpsr.learned import build_learned, build_set_metrics
 from gpsr.metrics import SRMetrics
 from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
-from gpsr.report import results_table
+from gpsr.report import perception_distortion, results_table
 from gpsr.tiling import Tiling
 from gpsr.uncertainty import IntervalMetrics, centre_spread, interval
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
@@ -202,10 +202,10 @@ def run_methods(
         names += [f"{mean_of}_mean"] + ([f"{mean_of}_mean_projected"] if proj_base else [])
     clean, noisy = noisy_evaluation(cfg)
     settings = cfg.get("metrics") or {}
-    names = settings.get("learned") or []
-    names = [names] if isinstance(names, str) else list(names)
-    learned = build_learned(names, device)
-    sets = build_set_metrics(names)
+    wanted = settings.get("learned") or []
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    learned = build_learned(wanted, device)
+    sets = build_set_metrics(wanted)
     run = EvalRun(
         {
             n: SRMetrics(
@@ -394,6 +394,7 @@ def write_artifacts(
     )
     if panel is not None:
         Image.fromarray(to_uint8_grid(panel, max_images=8)).save(out / "panel.png")
+    perception_distortion(list(summary["methods"].items()), out / "perception_distortion.png")
     return table
 
 

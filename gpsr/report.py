@@ -139,6 +139,11 @@ def write_report(sweep_dir: str | Path) -> Path:
     md.write_text("# NFE sweep\n\n" + "".join(lines) + "\n![trade-off](report.png)\n")
     (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2))
     _plot(sampled, fixed, sweep_dir / "report.png")
+    labelled = [(n, r) for n, r in fixed.items()] + [
+        (f"{r['method']} {r['steps']}+1", r) for r in sampled
+    ]
+    if perception_distortion(labelled, sweep_dir / "perception_distortion.png"):
+        md.write_text(md.read_text() + "\n![perception-distortion](perception_distortion.png)\n")
     log.info("report written to %s", md)
     return md
 
@@ -169,6 +174,47 @@ def _plot(sampled: list[dict], fixed: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def perception_distortion(rows: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
+    """Draw the perception-distortion plane (Blau & Michaeli, CVPR 2018) of (label, results)
+    rows to `path`: distortion on x (PSNR with its axis reversed, or LPIPS-Alex where every
+    row has it), perception on y (SWD with its bootstrap spread, or FID where every row has
+    it); lower right (PSNR) or lower left (LPIPS) is better on both. Returns False, drawing
+    nothing, when no row has the weight-free metrics."""
+    rows = [(label, m) for label, m in rows if m.get("swd") is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    every = lambda key: all(m.get(key) is not None for _, m in rows)  # noqa: E731
+    xkey, xlabel = (
+        ("lpips_alex", "LPIPS-Alex (lower: closer)")
+        if every("lpips_alex")
+        else ("psnr", "PSNR dB (axis reversed: right is closer)")
+    )
+    ykey, ylabel = ("fid", "FID") if every("fid") else ("swd", "SWD x1e3 (+/- bootstrap spread)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for label, m in rows:
+        err = m.get(f"{ykey}_spread") if ykey == "swd" else None
+        ax.errorbar(m[xkey], m[ykey], yerr=err, fmt="o", capsize=3)
+        ax.annotate(
+            label, (m[xkey], m[ykey]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    if xkey == "psnr":
+        ax.invert_xaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{ylabel} (lower: more realistic)")
+    ax.set_title("Perception-distortion plane (better: towards the lower right)" if xkey == "psnr"
+                 else "Perception-distortion plane (better: towards the lower left)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 class SweepReportCallback(Callback):

@@ -144,6 +144,7 @@ def test_evaluate_reports_the_mean_of_k_samples_and_the_new_metrics(ddpm_ckpt, t
         assert key in methods["bicubic"] and key in methods["gpsr_mean"], key
     assert methods["gpsr_mean_projected"]["consistency"] < 1e-3
     assert "MS-SSIM" in (tmp_path / "metrics.md").read_text()
+    assert (tmp_path / "perception_distortion.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize(
