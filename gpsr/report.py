@@ -37,9 +37,19 @@ BASELINE_STYLE = {
 }
 
 
+# What a method's results may hold beyond PSNR, SSIM and consistency (None where absent).
+OPTIONAL_KEYS = (
+    "consistency_clean", "discrepancy_ratio", "discrepancy_ratio_max", "projection_iterations",
+    "ms_ssim", "haarpsi", "psd_error", "swd", "swd_spread", "lpips_alex", "lpips_vgg", "fid",
+    "kid", "kid_spread", "miscoverage", "interval_width", "miscoverage_uncalibrated",
+    "interval_width_uncalibrated",
+)  # fmt: skip
+
+
 def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per (job, method): steps, NFE label, PSNR, SSIM, consistency, seconds/image,
-    and for noisy LR images consistency_clean and the discrepancy ratio (None otherwise)."""
+    and each of `OPTIONAL_KEYS` (noisy LR images, weight-free and learned metrics,
+    intervals; None where a job did not report it)."""
     rows = []
     for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
         data = json.loads(path.read_text())
@@ -57,11 +67,8 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                     "psnr": m["psnr"],
                     "ssim": m["ssim"],
                     "consistency": m["consistency"],
-                    "consistency_clean": m.get("consistency_clean"),
-                    "discrepancy_ratio": m.get("discrepancy_ratio"),
-                    "discrepancy_ratio_max": m.get("discrepancy_ratio_max"),
                     "seconds_per_image": m["seconds_per_image"],
-                    "projection_iterations": m.get("projection_iterations"),
+                    **{key: m.get(key) for key in OPTIONAL_KEYS},
                 }
             )
     return rows
@@ -180,7 +187,7 @@ def perception_distortion(rows: list[tuple[str, dict[str, Any]]], path: Path) ->
     """Draw the perception-distortion plane (Blau & Michaeli, CVPR 2018) of (label, results)
     rows to `path`: distortion on x (PSNR with its axis reversed, or LPIPS-Alex where every
     row has it), perception on y (SWD with its bootstrap spread, or FID where every row has
-    it); lower right (PSNR) or lower left (LPIPS) is better on both. Returns False, drawing
+    it); towards the lower left is better on both. Returns False, drawing
     nothing, when no row has the weight-free metrics."""
     rows = [(label, m) for label, m in rows if m.get("swd") is not None]
     if not rows:
@@ -194,7 +201,7 @@ def perception_distortion(rows: list[tuple[str, dict[str, Any]]], path: Path) ->
     xkey, xlabel = (
         ("lpips_alex", "LPIPS-Alex (lower: closer)")
         if every("lpips_alex")
-        else ("psnr", "PSNR dB (axis reversed: right is closer)")
+        else ("psnr", "PSNR dB (axis reversed: left is closer)")
     )
     ykey, ylabel = ("fid", "FID") if every("fid") else ("swd", "SWD x1e3 (+/- bootstrap spread)")
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
@@ -208,8 +215,7 @@ def perception_distortion(rows: list[tuple[str, dict[str, Any]]], path: Path) ->
         ax.invert_xaxis()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{ylabel} (lower: more realistic)")
-    ax.set_title("Perception-distortion plane (better: towards the lower right)" if xkey == "psnr"
-                 else "Perception-distortion plane (better: towards the lower left)")  # fmt: skip
+    ax.set_title("Perception-distortion plane (better: towards the lower left)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
