@@ -60,7 +60,11 @@ def test_train_both_stages_then_evaluate(tmp_path):
         cwd=tmp_path,
     )
     result = json.loads((eval_dir / "metrics.json").read_text())
-    assert set(result["methods"]) == {"bicubic", "pseudoinverse", "flow", "gpsr", "gpsr_projected"}
+    assert set(result["methods"]) == {
+        "bicubic", "pseudoinverse", "flow", "gpsr", "gpsr_projected", "gpsr_mean",
+        "gpsr_mean_projected",
+    }  # fmt: skip
+    assert "projection_iterations" not in result["methods"]["gpsr_mean_projected"]
     for name, m in result["methods"].items():
         assert {"psnr", "ssim", "consistency", "seconds_per_image", "nfe"} <= set(m), name
     assert result["methods"]["gpsr"]["nfe"] == "3+1" and result["methods"]["flow"]["nfe"] == "0+1"
