@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 from torch import nn
 
+from gpsr.learned import build_learned, build_set_metrics
 from gpsr.metrics import SRMetrics
 from gpsr.panels import to_uint8_grid
 
@@ -129,11 +131,32 @@ class SRMetricsCallback(Callback):
     [0, 1], and "lr_clean" when the data adds noise to the LR (then `consistency_clean` is
     logged too). One `SRMetrics` per method accumulates over the epoch; values are reduced
     across DDP processes by torchmetrics and logged as `val/<method>/<metric>`.
+
+    Opt-in, as they cost time: `extras` adds the weight-free metrics (MS-SSIM, HaarPSI,
+    power-spectrum error, SWD; docs/metrics.md), `learned` any of `lpips_alex`, `lpips_vgg`,
+    `fid`, `kid`, whose weights are found (or refused, in one line) when fitting starts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, extras: bool = False, learned: Sequence[str] = ()) -> None:
         self.metrics = nn.ModuleDict()
         self.last: dict[str, float] = {}
+        self.extras, self.learned = bool(extras), list(learned or [])
+        self._learned: dict | None = None
+        self._sets: dict | None = None
+
+    def _build(self, pl_module) -> None:
+        if self._learned is None:
+            self._learned = build_learned(self.learned, pl_module.device)
+            self._sets = build_set_metrics(self.learned)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._build(pl_module)  # missing weights are refused before the first step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._build(pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._build(pl_module)
 
     def _update(self, pl_module, outputs: Any) -> None:
         if not isinstance(outputs, dict) or "sr" not in outputs:
@@ -142,7 +165,13 @@ class SRMetricsCallback(Callback):
         for method, sr in outputs["sr"].items():
             if method not in self.metrics:
                 scale = pl_module.hparams["scale"]
-                self.metrics[method] = SRMetrics(scale, clean=clean is not None).to(sr.device)
+                self.metrics[method] = SRMetrics(
+                    scale,
+                    clean=clean is not None,
+                    extras=self.extras,
+                    learned=self._learned,
+                    sets=self._sets,
+                ).to(sr.device)
             self.metrics[method].update(sr, outputs["hr"], outputs["lr"], clean)
 
     def _log(self, pl_module, prefix: str) -> None:

@@ -303,3 +303,48 @@ def test_an_inception_file_that_is_not_plain_weights_is_refused(tmp_path, monkey
     torch.save({"x": Evil()}, path)
     with pytest.raises(ConfigError, match="not a plain weights file"):
         build_set_metrics(["fid"])
+
+
+def test_validation_logs_the_weight_free_metrics_when_asked(tmp_path):
+    from gpsr.train import train
+
+    overrides = [
+        "stage=flow", "logger=csv", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "data.batch_size=8", "data.demo_count=16",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "test_after_fit=false",
+        "callbacks.metrics.extras=true",
+    ]  # fmt: skip
+    metrics = train(compose_cfg(overrides, output_dir=tmp_path))
+    method = next(k.split("/")[1] for k in metrics if k.endswith("/psnr"))
+    for key in ("ms_ssim", "haarpsi", "psd_error", "swd"):
+        assert f"val/{method}/{key}" in metrics, key
+
+
+def test_training_refuses_missing_learned_weights_before_its_first_step(tmp_path, monkeypatch):
+    import urllib.error
+
+    from gpsr.stages.flow import FlowModule
+    from gpsr.train import train
+    from gpsr.utils.errors import ConfigError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+    def no_step(self, *args, **kwargs):
+        pytest.fail("a training step ran before the weights were checked")
+
+    monkeypatch.setattr(FlowModule, "training_step", no_step)
+    overrides = [
+        "stage=flow", "logger=csv", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "trainer.max_steps=2",
+        "data.batch_size=8", "data.demo_count=16", "test_after_fit=false",
+        "callbacks.metrics.learned=[lpips_alex]",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="alexnet-owt-7be5be79.pth"):
+        train(compose_cfg(overrides, output_dir=tmp_path / "run"))
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
