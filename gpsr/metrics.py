@@ -169,10 +169,15 @@ class PerImage(_PerImageMean):
 
 def _set_value(name: str, metric) -> dict[str, float]:
     """FID -> {"fid"}; KID -> {"kid", "kid_spread"} (mean and standard deviation over random
-    subsets of min(1000, n) images, drawn with a fixed seed). NaN with fewer than 2 images."""
+    subsets of min(1000, n) images, n over all DDP processes, drawn with a fixed seed). NaN
+    with fewer than 2 images."""
     import math
 
-    n = int(sum(x.shape[0] for x in metric.fake_features)) if name == "kid" else None
+    n = None
+    if name == "kid":  # every process's images count (all processes draw the same subsets)
+        with metric.sync_context():
+            feats = metric.fake_features
+            n = int(sum(x.shape[0] for x in feats) if isinstance(feats, list) else len(feats))
     try:
         if name == "fid":
             return {"fid": float(metric.compute())}

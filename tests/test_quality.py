@@ -348,3 +348,57 @@ def test_training_refuses_missing_learned_weights_before_its_first_step(tmp_path
     with pytest.raises(ConfigError, match="alexnet-owt-7be5be79.pth"):
         train(compose_cfg(overrides, output_dir=tmp_path / "run"))
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A fixed random 8-bit-image -> 16-feature map standing in for Inception (DDP test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 8 * 8, 16)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 8)
+        return torch.tanh(self.proj(x.flatten(1)))
+
+
+def _set_metrics_on_shard(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    feat = _TinyFeatures()
+    sets = {
+        "fid": lambda: FrechetInceptionDistance(feature=feat),
+        "kid": lambda: KernelInceptionDistance(feature=feat, subset_size=1000, subsets=3),
+    }
+    m = SRMetrics(4, sets=sets)
+    gen = torch.Generator().manual_seed(5)
+    hr = torch.rand(24, 3, 16, 16, generator=gen)
+    sr = (hr * 0.6 + 0.3 * torch.rand(24, 3, 16, 16, generator=gen)).clamp(0, 1)
+    part = slice(rank * 24 // world, (rank + 1) * 24 // world)  # uneven shards are fine
+    m.update(sr[part], hr[part], ops.degrade(hr[part], 4))
+    values = m.compute()
+    if rank == 0:
+        torch.save({k: values[k] for k in ("fid", "kid", "kid_spread")}, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fid_and_kid_reduce_across_ddp_processes_to_the_one_process_value(tmp_path):
+    import torch.multiprocessing as mp
+
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    _set_metrics_on_shard(0, 1, "", one)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_set_metrics_on_shard, args=(2, init, two), nprocs=2, join=True)
+    a, b = torch.load(one), torch.load(two)
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-9)
+    assert a["kid"] == pytest.approx(b["kid"], rel=1e-9)
+    assert a["kid_spread"] == pytest.approx(b["kid_spread"], rel=1e-6)
