@@ -44,7 +44,7 @@ from gpsr.uncertainty import (
     width_on_grid,
 )
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device
+from gpsr.utils.device import pick_device, set_cpu_threads
 from gpsr.utils.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger("gpsr.calibrate")
@@ -179,9 +179,10 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             "it has not seen); use split=val or another held-out split"
         )
     output_dir = check_output_dir(cfg.paths.output_dir)
-    model = GPSR.load(
-        cfg.ckpt, device=pick_device(cfg.device), ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt")
-    )
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_threads()
+    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
     model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
     with open_dict(cfg):
         cfg.scale = model.scale  # the data's SR factor

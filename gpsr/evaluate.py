@@ -39,7 +39,7 @@ from gpsr.report import perception_distortion, results_table
 from gpsr.tiling import Tiling
 from gpsr.uncertainty import IntervalMetrics, centre_spread, interval
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device, synchronize
+from gpsr.utils.device import pick_device, set_cpu_threads, synchronize
 from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.evaluate")
@@ -402,9 +402,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The Table 1 protocol over a whole split: build the methods, run them, summarise, write
     the artifacts; returns what `metrics.json` holds."""
     output_dir = check_output_dir(cfg.paths.output_dir)
-    model = GPSR.load(
-        cfg.ckpt, device=pick_device(cfg.device), ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt")
-    )
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_threads()
+    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
     model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
     with open_dict(cfg):
         if cfg.scale is None:

@@ -34,7 +34,7 @@ from gpsr.tiling import Tiling
 from gpsr.uncertainty import centre_spread, interval
 from gpsr.utils.checkpoint import write_atomically
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device
+from gpsr.utils.device import pick_device, set_cpu_threads
 from gpsr.utils.errors import (
     NO_SPACE,
     NOT_WRITABLE,
@@ -200,6 +200,8 @@ def sample_images(cfg: DictConfig) -> int:
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_threads()
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
     model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
     if lam is not None and model.unet is None:

@@ -32,6 +32,7 @@ from gpsr.utils.cli import (
     preflight,
     report_errors,
 )
+from gpsr.utils.device import set_cpu_threads
 from gpsr.utils.errors import InputNotFoundError
 from gpsr.utils.loggers import RUN_ID_FILE, ResumableCSVLogger
 
@@ -69,6 +70,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
     lock_run_dir(output_dir)
+    if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+        devices = cfg.trainer.get("devices", 1)
+        set_cpu_threads(devices if isinstance(devices, int) and devices > 0 else 1)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)

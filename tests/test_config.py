@@ -292,3 +292,25 @@ def test_every_shipped_config_passes_the_type_check(tmp_path):
                 output_dir=tmp_path,
             )
             check_setting_types(cfg)
+
+
+def test_cpu_threads_follow_the_affinity_mask_omp_and_the_processes(monkeypatch):
+    """The cores this process may use (affinity), at most the physical ones torch found,
+    shared by the run's processes; OMP_NUM_THREADS wins when set."""
+    from gpsr.utils import device
+
+    monkeypatch.setattr(device, "_TORCH_DEFAULT_THREADS", 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert device.cpu_threads()[0] == 8  # 16 logical CPUs, 8 physical: 8
+    assert device.cpu_threads(processes=2)[0] == 4  # two DDP processes share them
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert device.cpu_threads()[0] == 3  # a 3-core allocation (SLURM, a container)
+    assert device.cpu_threads(processes=4)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert device.cpu_threads(processes=2) == (5, "OMP_NUM_THREADS")
+    before = torch.get_num_threads()
+    try:
+        assert device.set_cpu_threads() == 5 and torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)
