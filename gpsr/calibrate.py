@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from gpsr import ops
 from gpsr.configs import register as register_schemas
-from gpsr.models.gpsr import GPSR
-from gpsr.tiling import Tiling
+from gpsr.inference import load_from_config, sampled_method
 from gpsr.uncertainty import (
     LAMBDA_GRID,
     SPREAD_FLOOR,
@@ -44,14 +43,13 @@ from gpsr.uncertainty import (
     width_on_grid,
 )
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device, set_cpu_threads
 from gpsr.utils.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger("gpsr.calibrate")
 
 __all__ = [
     "calibrate",
-    "calibrated_lambda",
+    "calibration_for",
     "file_sha256",
     "sampler_record",
     "load_calibration",
@@ -139,15 +137,15 @@ def load_calibration(path: str | Path, ckpt: str | Path, record: dict[str, Any])
     return cal
 
 
-def calibrated_lambda(cfg: DictConfig, steps: int) -> float | None:
-    """The lambda of `calibration=` for an entry point's config, checked against the
+def calibration_for(cfg: DictConfig, steps: int) -> dict[str, Any] | None:
+    """The record of `calibration=` for an entry point's config, checked against the
     checkpoint and the sampler settings (with `steps` the steps actually sampled), or None
     without one; before any model is loaded or any sampling starts."""
     if not cfg.get("calibration"):
         return None
     if cfg.sampler.samples < 2:
         raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
-    return load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))["lambda"]
+    return load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))
 
 
 def _subset_rows(losses: np.ndarray, widths: np.ndarray, alpha: float, delta: float) -> list:
@@ -179,11 +177,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             "it has not seen); use split=val or another held-out split"
         )
     output_dir = check_output_dir(cfg.paths.output_dir)
-    device = pick_device(cfg.device)
-    if device.type == "cpu":
-        set_cpu_threads()
-    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
-    model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
+    model = load_from_config(cfg)
     with open_dict(cfg):
         cfg.scale = model.scale  # the data's SR factor
     loader = instantiate(cfg.data).eval_dataloader(cfg.split)
@@ -199,7 +193,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             f"even if no pixel is ever outside): give a larger held-out split"
         )
     steps = cfg.sampler.steps if model.unet is not None else 0
-    tiling = Tiling.from_config(cfg.sampler)
+    sample = sampled_method(model, cfg, steps)
     losses, widths, pixels, t0 = [], [], 0, time.perf_counter()
     for b, batch in enumerate(
         tqdm(loader, desc=f"calibrate {cfg.split}", disable=not cfg.progress)
@@ -210,17 +204,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         lr = ops.to_unit(batch["lr"].to(model.device))
         idx = batch["index"].tolist()
         sigma = model.noise_level(lr, cfg.sampler.get("sigma_y", 0.0))
-        sr = model.super_resolve(
-            lr,
-            steps=steps,
-            eta=cfg.sampler.eta,
-            samples=cfg.sampler.samples,
-            seed=cfg.seed,
-            indices=idx,
-            spacing=cfg.sampler.spacing,
-            tiling=tiling,
-            sigma_y=sigma,
-        )
+        sr = sample(lr, idx, sigma)
         if cfg.sampler.project:
             sr, _ = model.project(sr, lr, sigma)
         centre, spread = centre_spread(sr)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 from torch import nn
 
-from gpsr.learned import build_learned, build_set_metrics
+from gpsr.learned import build_all
 from gpsr.metrics import SRMetrics
 from gpsr.panels import to_uint8_grid
 
@@ -140,14 +140,13 @@ class SRMetricsCallback(Callback):
     def __init__(self, extras: bool = False, learned: Sequence[str] = ()) -> None:
         self.metrics = nn.ModuleDict()
         self.last: dict[str, float] = {}
-        self.extras, self.learned = bool(extras), list(learned or [])
+        self.extras, self.learned = bool(extras), learned
         self._learned: dict | None = None
         self._sets: dict | None = None
 
     def _build(self, pl_module) -> None:
         if self._learned is None:
-            self._learned = build_learned(self.learned, pl_module.device)
-            self._sets = build_set_metrics(self.learned)
+            self._learned, self._sets = build_all(self.learned, pl_module.device)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._build(pl_module)  # missing weights are refused before the first step

@@ -28,18 +28,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from gpsr import ops
-from gpsr.calibrate import calibrated_lambda
+from gpsr.calibrate import calibration_for
 from gpsr.configs import register as register_schemas
 from gpsr.diffusion import add_diagnostic, diagnostic_means
-from gpsr.learned import build_learned, build_set_metrics
+from gpsr.inference import GPSR, load_from_config, sampled_method
+from gpsr.learned import build_all
 from gpsr.metrics import SRMetrics
-from gpsr.models.gpsr import GPSR
 from gpsr.panels import panel_rows, to_uint8_grid
 from gpsr.report import perception_distortion, results_table
 from gpsr.tiling import Tiling
 from gpsr.uncertainty import IntervalMetrics, centre_spread, interval
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device, set_cpu_threads, synchronize
+from gpsr.utils.device import synchronize
 from gpsr.utils.errors import ConfigError
 
 log = logging.getLogger("gpsr.evaluate")
@@ -73,33 +73,9 @@ def build_methods(model: GPSR, cfg: DictConfig) -> dict[str, tuple[Method, str]]
             "0",
         )
     if "flow" in cfg.baselines or model.unet is None or sampler.steps == 0:
-        methods["flow"] = (
-            lambda lr, idx, sig: model.super_resolve(
-                lr,
-                steps=0,
-                samples=sampler.samples,
-                seed=cfg.seed,
-                indices=idx,
-                tiling=tiling,
-                sigma_y=sig,
-            ),  # fmt: skip
-            "0+1",
-        )
+        methods["flow"] = (sampled_method(model, cfg, 0, tiling), "0+1")
     if model.unet is not None and sampler.steps > 0:
-        methods["gpsr"] = (
-            lambda lr, idx, sig: model.super_resolve(
-                lr,
-                steps=sampler.steps,
-                eta=sampler.eta,
-                samples=sampler.samples,
-                seed=cfg.seed,
-                indices=idx,
-                spacing=sampler.spacing,
-                tiling=tiling,
-                sigma_y=sig,
-            ),
-            f"{sampler.steps}+1",
-        )
+        methods["gpsr"] = (sampled_method(model, cfg, sampler.steps, tiling), f"{sampler.steps}+1")
     return methods
 
 
@@ -202,10 +178,7 @@ def run_methods(
         names += [f"{mean_of}_mean"] + ([f"{mean_of}_mean_projected"] if proj_base else [])
     clean, noisy = noisy_evaluation(cfg)
     settings = cfg.get("metrics") or {}
-    wanted = settings.get("learned") or []
-    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
-    learned = build_learned(wanted, device)
-    sets = build_set_metrics(wanted)
+    learned, sets = build_all(settings.get("learned"), device)
     run = EvalRun(
         {
             n: SRMetrics(
@@ -402,11 +375,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """The Table 1 protocol over a whole split: build the methods, run them, summarise, write
     the artifacts; returns what `metrics.json` holds."""
     output_dir = check_output_dir(cfg.paths.output_dir)
-    device = pick_device(cfg.device)
-    if device.type == "cpu":
-        set_cpu_threads()
-    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
-    model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
+    model = load_from_config(cfg)
     with open_dict(cfg):
         if cfg.scale is None:
             cfg.scale = model.scale
@@ -415,13 +384,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"scale={cfg.scale} but checkpoint {cfg.ckpt} was trained for scale {model.scale}"
         )
     check_metric_settings(cfg)
-    lam = calibrated_lambda(cfg, cfg.sampler.steps if model.unet is not None else 0)
+    cal = calibration_for(cfg, cfg.sampler.steps if model.unet is not None else 0)
+    lam = cal["lambda"] if cal is not None else None
     loader = instantiate(cfg.data).eval_dataloader(cfg.split)
     methods = build_methods(model, cfg)
     run = run_methods(model, methods, loader, cfg, lam)
     summary = summarise(run, methods, model, cfg)
-    if lam is not None:
-        cal = json.loads(Path(cfg.calibration).read_text())
+    if cal is not None:
         summary["calibration"] = {"file": str(cfg.calibration), **{
             k: cal[k] for k in ("lambda", "alpha", "delta", "bound", "images", "split")
         }}  # fmt: skip

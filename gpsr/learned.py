@@ -26,6 +26,7 @@ __all__ = [
     "weight_file",
     "build_learned",
     "build_set_metrics",
+    "build_all",
 ]
 
 # metrics.learned name -> (torchmetrics' net_type, torchvision's weights enum name)
@@ -135,3 +136,11 @@ def build_set_metrics(names: Sequence[str], feature: int = 2048) -> dict[str, ob
         "kid": lambda: KernelInceptionDistance(feature=net, subset_size=1000),
     }
     return {n: factories[n] for n in wanted}
+
+
+def build_all(names: str | Sequence[str] | None, device: torch.device) -> tuple[dict, dict]:
+    """`metrics.learned` (one name or a list) -> (per-image functions, set-metric factories):
+    what `SRMetrics(learned=..., sets=...)` takes, for `gpsr.evaluate` and the validation
+    callback alike."""
+    names = [names] if isinstance(names, str) else list(names or [])
+    return build_learned(names, device), build_set_metrics(names)

@@ -154,6 +154,33 @@ def laplacian_descriptors(
     return out
 
 
+def _unit_directions(dim: int, directions: int, seed: int) -> torch.Tensor:
+    """`directions` seeded random unit vectors of R^dim: (dim, directions) float64."""
+    dirs = torch.randn(
+        dim, directions, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    return dirs / dirs.norm(dim=0, keepdim=True)
+
+
+def _project(d: torch.Tensor, dirs: torch.Tensor) -> np.ndarray:
+    """A descriptor set (M, D), normalised by its own per-dimension mean and standard
+    deviation, projected on the unit columns of `dirs` (D, L): (M, L), numpy, in float32 for
+    float32 descriptors (else float64)."""
+    dtype = torch.promote_types(d.dtype, torch.float32)
+    d = d.to(dtype)
+    d = (d - d.mean(0)) / d.std(0).clamp(min=1e-12)
+    return (d @ dirs.to(device=d.device, dtype=dtype)).cpu().numpy()
+
+
+def _sorted_distance(pa: np.ndarray, pb: np.ndarray) -> float:
+    """Mean over the L columns of the 1-D Wasserstein-1 distance of two equal-size samples
+    (M, L): the mean absolute difference of their sorted values, in float64."""
+    # numpy's sort along contiguous rows is about ten times torch's on CPU here.
+    sa = np.sort(np.ascontiguousarray(pa.T), axis=1)
+    sb = np.sort(np.ascontiguousarray(pb.T), axis=1)
+    return float(np.abs(sa - sb).mean(dtype=np.float64))
+
+
 def sliced_wasserstein(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -168,19 +195,11 @@ def sliced_wasserstein(
     projections). -> scalar float64."""
     if a.shape != b.shape:
         raise ValueError(f"descriptor sets differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-
-    def norm(d):
-        return (d - d.mean(0)) / d.std(0).clamp(min=1e-12)
-
     if dirs is None:
-        gen = torch.Generator().manual_seed(seed)
-        dirs = torch.randn(a.shape[1], directions, generator=gen, dtype=torch.float64)
-    dtype = torch.promote_types(a.dtype, torch.float32)  # float32 descriptors stay float32
-    dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(device=a.device, dtype=dtype)
-    # numpy's sort along contiguous rows is about ten times torch's on CPU here.
-    pa = np.sort((norm(a.to(dtype)) @ dirs).T.contiguous().cpu().numpy(), axis=1)
-    pb = np.sort((norm(b.to(dtype)) @ dirs).T.contiguous().cpu().numpy(), axis=1)
-    return torch.tensor(np.abs(pa - pb).mean(dtype=np.float64), dtype=torch.float64)
+        dirs = _unit_directions(a.shape[1], directions, seed)
+    else:
+        dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    return torch.tensor(_sorted_distance(_project(a, dirs), _project(b, dirs)), dtype=torch.float64)
 
 
 class SlicedWasserstein(Metric):
@@ -217,44 +236,33 @@ class SlicedWasserstein(Metric):
     def compute(self) -> tuple[float, float]:
         sr = torch.cat(self.sr) if isinstance(self.sr, list) else self.sr
         hr = torch.cat(self.hr) if isinstance(self.hr, list) else self.hr
-        n, levels = sr.shape[0], sr.shape[1]
-        value = float(
-            torch.stack(
-                [
-                    sliced_wasserstein(sr[:, lv].reshape(-1, sr.shape[-1]),
-                                       hr[:, lv].reshape(-1, hr.shape[-1]))
-                    for lv in range(levels)
-                ]
-            ).mean()
-        )  # fmt: skip
+        n, levels, k, dim = sr.shape
+        dirs = _unit_directions(dim, 128, 0)  # sliced_wasserstein's seeded directions
+        # Per level, both sets projected once, kept per image: (N, K, L) each.
+        proj = [
+            tuple(_project(x[:, lv].reshape(-1, dim), dirs).reshape(n, k, -1) for x in (sr, hr))
+            for lv in range(levels)
+        ]
+
+        def swd(images: np.ndarray) -> float:
+            """The SWD of these images (indices, repeats allowed), averaged over levels."""
+            return float(
+                np.mean(
+                    [
+                        _sorted_distance(pa[images].reshape(-1, pa.shape[-1]),
+                                         pb[images].reshape(-1, pb.shape[-1]))
+                        for pa, pb in proj
+                    ]
+                )
+            )  # fmt: skip
+
+        value = swd(np.arange(n))
         if n < 2 or self.bootstrap < 2:
             return 1e3 * value, math.nan
-        # The spread: images resampled with replacement; each level's projections are those
-        # of the whole sets (normalised once), so a resampling costs two sorts.
-        proj = [_projections(sr[:, lv], hr[:, lv]) for lv in range(levels)]
+        # The spread: images resampled with replacement, on the projections of the whole
+        # sets (the normalisation is not refitted per resampling).
         gen = torch.Generator().manual_seed(0)
-        boots = []
-        for _ in range(self.bootstrap):
-            i = torch.randint(0, n, (n,), generator=gen).numpy()
-            per_level = []
-            for pa, pb in proj:  # (N, K, L) each
-                sa = np.sort(np.ascontiguousarray(pa[i].reshape(-1, pa.shape[-1]).T), axis=1)
-                sb = np.sort(np.ascontiguousarray(pb[i].reshape(-1, pb.shape[-1]).T), axis=1)
-                per_level.append(np.abs(sa - sb).mean(dtype=np.float64))
-            boots.append(float(np.mean(per_level)))
+        boots = [
+            swd(torch.randint(0, n, (n,), generator=gen).numpy()) for _ in range(self.bootstrap)
+        ]
         return 1e3 * value, 1e3 * float(np.std(boots, ddof=1))
-
-
-def _projections(a: torch.Tensor, b: torch.Tensor, directions: int = 128, seed: int = 0):
-    """Per-image projections (N, K, L) of two descriptor sets (N, K, D), each normalised by
-    its own statistics, on the seeded directions `sliced_wasserstein` uses (numpy float32)."""
-
-    def proj(d: torch.Tensor) -> np.ndarray:
-        flat = d.reshape(-1, d.shape[-1]).float()
-        flat = (flat - flat.mean(0)) / flat.std(0).clamp(min=1e-12)
-        return (flat @ dirs).reshape(d.shape[0], d.shape[1], -1).cpu().numpy()
-
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[-1], directions, generator=gen, dtype=torch.float64)
-    dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(device=a.device, dtype=torch.float32)
-    return proj(a), proj(b)

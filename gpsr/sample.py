@@ -25,16 +25,15 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from gpsr import ops
-from gpsr.calibrate import calibrated_lambda
+from gpsr.calibrate import calibration_for
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.diffusion import SPACINGS
+from gpsr.inference import GPSR, load_from_config, sampled_method
 from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
-from gpsr.models.gpsr import GPSR
 from gpsr.tiling import Tiling
 from gpsr.uncertainty import centre_spread, interval
 from gpsr.utils.checkpoint import write_atomically
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import pick_device, set_cpu_threads
 from gpsr.utils.errors import (
     NO_SPACE,
     NOT_WRITABLE,
@@ -195,15 +194,12 @@ def sample_images(cfg: DictConfig) -> int:
     src, out_dir = Path(cfg.input), Path(cfg.output)
     tiling = check_settings(cfg)
     files = list_inputs(src)
-    lam = calibrated_lambda(cfg, cfg.sampler.steps)
+    cal = calibration_for(cfg, cfg.sampler.steps)
+    lam = cal["lambda"] if cal is not None else None
     plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float, lam is not None)
     check_plan(plan, cfg.get("overwrite", False))
     prepare_output(out_dir)
-    device = pick_device(cfg.device)
-    if device.type == "cpu":
-        set_cpu_threads()
-    model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
-    model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
+    model = load_from_config(cfg)
     if lam is not None and model.unet is None:
         raise ConfigError(
             f"calibration= with {cfg.ckpt}, a flow-stage checkpoint: give the one calibrated"
@@ -267,17 +263,7 @@ def process_one(
     noisy = bool((sigma > 0).any())
     if sigma_y == "auto":
         print(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}", flush=True)
-    sr = model.super_resolve(
-        lr,
-        steps=steps,
-        eta=sampler.eta,
-        samples=sampler.samples,
-        seed=cfg.seed,
-        indices=[0],
-        spacing=sampler.spacing,
-        tiling=tiling,
-        sigma_y=sigma,
-    )
+    sr = sampled_method(model, cfg, steps, tiling)(lr, [0], sigma)
     stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
     reps = lr.expand(stack.shape[1], -1, -1, -1)
     timing = f"sampled in {time.perf_counter() - t0:.3g} s"

@@ -219,9 +219,10 @@ def test_bad_calibration_settings_are_one_line_before_any_sampling(
     overrides, words, tmp_path, monkeypatch, ddpm_ckpt
 ):
     from gpsr import calibrate as module
+    from gpsr.inference import GPSR
     from gpsr.utils.errors import ConfigError
 
-    monkeypatch.setattr(module.GPSR, "super_resolve", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(GPSR, "super_resolve", lambda *a, **k: pytest.fail("sampled"))
     cfg = compose_cfg([f"ckpt={ddpm_ckpt}", *overrides], name="calibrate", output_dir=tmp_path)
     with pytest.raises(ConfigError) as err:
         module.calibrate(cfg)
