@@ -134,7 +134,7 @@ class SRMetricsCallback(Callback):
 
     Opt-in, as they cost time: `extras` adds the weight-free metrics (MS-SSIM, HaarPSI,
     power-spectrum error, SWD; docs/metrics.md), `learned` any of `lpips_alex`, `lpips_vgg`,
-    `fid`, `kid`, whose weights are found (or refused, in one line) when fitting starts.
+    `dists`, `fid`, `kid`, whose weights are found (or refused, in one line) when fitting starts.
     """
 
     def __init__(self, extras: bool = False, learned: Sequence[str] = ()) -> None:

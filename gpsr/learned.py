@@ -1,9 +1,9 @@
 """Metrics with pretrained networks (docs/metrics.md): LPIPS with AlexNet or VGG-16
-(Zhang et al., CVPR 2018), and FID / KID on Inception-v3 pool features (the torch-fidelity
+(Zhang et al., CVPR 2018), DISTS on VGG-16 (Ding et al., TPAMI 2022), and FID / KID on Inception-v3 pool features (the torch-fidelity
 convention of SR3 / IDM tables), torchmetrics' implementations.
 
 Their weights are torchvision's ImageNet backbones (plus LPIPS' linear layers, which
-torchmetrics ships). Where the network is reachable the library downloads a missing backbone
+torchmetrics ships, as it ships DISTS' alpha / beta). Where the network is reachable the library downloads a missing backbone
 into the torch hub cache as it always does; where it is not (most compute nodes), the file
 must already be in `$TORCH_HOME/hub/checkpoints/` (default `~/.cache/torch`), and a missing
 one is refused in one line, naming the file and the folder, before any sampling starts.
@@ -29,8 +29,12 @@ __all__ = [
     "build_all",
 ]
 
-# metrics.learned name -> (torchmetrics' net_type, torchvision's weights enum name)
-LEARNED = {"lpips_alex": ("alex", "AlexNet_Weights"), "lpips_vgg": ("vgg", "VGG16_Weights")}
+# metrics.learned name -> (network, torchvision's weights enum name of its backbone)
+LEARNED = {
+    "lpips_alex": ("alex", "AlexNet_Weights"),
+    "lpips_vgg": ("vgg", "VGG16_Weights"),
+    "dists": ("dists", "VGG16_Weights"),
+}
 
 
 SET_METRICS = ("fid", "kid")
@@ -53,8 +57,6 @@ def build_learned(
     """name -> fn(sr, hr) -> (N,) per-image value, sr and hr (N, 3, H, W) in [0, 1]; one
     network per name, shared by every method. Unknown names and missing weights that
     cannot be downloaded are one-line ConfigErrors."""
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
     unknown = [n for n in names if n not in LEARNED and n not in SET_METRICS]
     if unknown:
         raise ConfigError(
@@ -64,19 +66,37 @@ def build_learned(
     fns = {}
     for name in [n for n in names if n in LEARNED]:
         try:
-            metric = LearnedPerceptualImagePatchSimilarity(
-                net_type=LEARNED[name][0], normalize=True
-            )
+            fns[name] = _network_metric(LEARNED[name][0], device)
         except (OSError, RuntimeError) as err:  # URLError is an OSError
             raise _refuse(name, err) from None
-        net = metric.net.to(device).eval()
-
-        def fn(sr: torch.Tensor, hr: torch.Tensor, net=net) -> torch.Tensor:
-            with torch.no_grad():
-                return net(sr.float(), hr.float(), normalize=True).flatten().double()
-
-        fns[name] = fn
     return fns
+
+
+def _network_metric(
+    kind: str, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """torchmetrics' network for LPIPS (`alex`, `vgg`) or DISTS, as fn(sr, hr) -> (N,)
+    float64, sr and hr (N, 3, H, W) in [0, 1] (each network normalises them itself)."""
+    if kind == "dists":
+        from torchmetrics.functional.image.dists import DISTSNetwork
+
+        net = DISTSNetwork().to(device).eval()
+
+        def fn(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return net(sr.float(), hr.float()).reshape(-1).double()
+
+        return fn
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    lpips_net = LearnedPerceptualImagePatchSimilarity(net_type=kind, normalize=True).net
+    lpips_net = lpips_net.to(device).eval()
+
+    def lpips_fn(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return lpips_net(sr.float(), hr.float(), normalize=True).flatten().double()
+
+    return lpips_fn
 
 
 def _refuse(name: str, err: Exception) -> ConfigError:

@@ -197,7 +197,8 @@ class SRMetrics(nn.Module):
     (docs/metrics.md): MS-SSIM, HaarPSI, the power-spectrum error and the SWD with its
     bootstrap spread; `y_channel` and `crop` (pixels per side) set the SR tables'
     convention for PSNR and SSIM (default: RGB, no crop, the paper's); `learned` maps names
-    (`lpips_alex`, `lpips_vgg`) to per-image functions from `gpsr.learned.build_learned`,
+    (`lpips_alex`, `lpips_vgg`, `dists`) to per-image functions from
+    `gpsr.learned.build_learned`,
     `sets` names (`fid`, `kid`) to factories of their metric objects
     (`gpsr.learned.build_set_metrics`).
 

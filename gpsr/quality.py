@@ -9,6 +9,7 @@ metrics keep their descriptors, gathered across DDP processes.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -175,9 +176,14 @@ def _project(d: torch.Tensor, dirs: torch.Tensor) -> np.ndarray:
 def _sorted_distance(pa: np.ndarray, pb: np.ndarray) -> float:
     """Mean over the L columns of the 1-D Wasserstein-1 distance of two equal-size samples
     (M, L): the mean absolute difference of their sorted values, in float64."""
+    return _sorted_rows_distance(np.ascontiguousarray(pa.T), np.ascontiguousarray(pb.T))
+
+
+def _sorted_rows_distance(ra: np.ndarray, rb: np.ndarray) -> float:
+    """`_sorted_distance` of samples laid out as rows (L, M): the mean absolute difference of
+    each row's sorted values, averaged over rows, in float64."""
     # numpy's sort along contiguous rows is about ten times torch's on CPU here.
-    sa = np.sort(np.ascontiguousarray(pa.T), axis=1)
-    sb = np.sort(np.ascontiguousarray(pb.T), axis=1)
+    sa, sb = np.sort(ra, axis=1), np.sort(rb, axis=1)
     return float(np.abs(sa - sb).mean(dtype=np.float64))
 
 
@@ -238,9 +244,15 @@ class SlicedWasserstein(Metric):
         hr = torch.cat(self.hr) if isinstance(self.hr, list) else self.hr
         n, levels, k, dim = sr.shape
         dirs = _unit_directions(dim, 128, 0)  # sliced_wasserstein's seeded directions
-        # Per level, both sets projected once, kept per image: (N, K, L) each.
+        # Per level, both sets projected once, kept per direction and image: (L, N, K) each,
+        # so that a resampling's values of one direction are a contiguous row.
         proj = [
-            tuple(_project(x[:, lv].reshape(-1, dim), dirs).reshape(n, k, -1) for x in (sr, hr))
+            tuple(
+                np.ascontiguousarray(
+                    _project(x[:, lv].reshape(-1, dim), dirs).reshape(n, k, -1).transpose(2, 0, 1)
+                )
+                for x in (sr, hr)
+            )
             for lv in range(levels)
         ]
 
@@ -249,20 +261,24 @@ class SlicedWasserstein(Metric):
             return float(
                 np.mean(
                     [
-                        _sorted_distance(pa[images].reshape(-1, pa.shape[-1]),
-                                         pb[images].reshape(-1, pb.shape[-1]))
+                        _sorted_rows_distance(pa[:, images].reshape(pa.shape[0], -1),
+                                              pb[:, images].reshape(pb.shape[0], -1))
                         for pa, pb in proj
                     ]
                 )
             )  # fmt: skip
 
-        value = swd(np.arange(n))
-        if n < 2 or self.bootstrap < 2:
-            return 1e3 * value, math.nan
-        # The spread: images resampled with replacement, on the projections of the whole
-        # sets (the normalisation is not refitted per resampling).
+        # The value, then the spread: images resampled with replacement, on the projections
+        # of the whole sets (the normalisation is not refitted per resampling). Each is a
+        # few independent numpy sorts, which release the GIL: run on torch's threads.
         gen = torch.Generator().manual_seed(0)
-        boots = [
-            swd(torch.randint(0, n, (n,), generator=gen).numpy()) for _ in range(self.bootstrap)
-        ]
+        draws = [np.arange(n)]
+        if n >= 2 and self.bootstrap >= 2:
+            draws += [
+                torch.randint(0, n, (n,), generator=gen).numpy() for _ in range(self.bootstrap)
+            ]
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            value, *boots = pool.map(swd, draws)
+        if not boots:
+            return 1e3 * value, math.nan
         return 1e3 * value, 1e3 * float(np.std(boots, ddof=1))

@@ -40,8 +40,8 @@ BASELINE_STYLE = {
 # What a method's results may hold beyond PSNR, SSIM and consistency (None where absent).
 OPTIONAL_KEYS = (
     "consistency_clean", "discrepancy_ratio", "discrepancy_ratio_max", "projection_iterations",
-    "ms_ssim", "haarpsi", "psd_error", "swd", "swd_spread", "lpips_alex", "lpips_vgg", "fid",
-    "kid", "kid_spread", "miscoverage", "interval_width", "miscoverage_uncalibrated",
+    "ms_ssim", "haarpsi", "psd_error", "swd", "swd_spread", "lpips_alex", "lpips_vgg", "dists",
+    "fid", "kid", "kid_spread", "miscoverage", "interval_width", "miscoverage_uncalibrated",
     "interval_width_uncalibrated",
 )  # fmt: skip
 

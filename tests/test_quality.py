@@ -200,8 +200,72 @@ def test_lpips_loads_weights_from_the_hub_cache_and_agrees_with_the_lpips_packag
     assert fn(hr, hr).abs().max() < 1e-6
 
 
+def _random_vgg16_in_hub_cache(tmp_path, monkeypatch) -> None:
+    """Random VGG-16 weights saved as torchvision's file in a fresh TORCH_HOME. LPIPS and
+    DISTS use the convolutional features only; the classifier's 120 M entries (which
+    torchvision's loader still expects) are stored as one broadcast zero each, so the file is
+    59 MB instead of 528 MB."""
+    import torchvision
+
+    from gpsr.learned import weight_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = weight_file("lpips_vgg")
+    assert path == weight_file("dists") and path.name == "vgg16-397923af.pth"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = torchvision.models.vgg16(weights=None).state_dict()
+    for key, value in state.items():
+        if key.startswith("classifier"):
+            state[key] = torch.zeros(1).expand(value.shape)
+    torch.save(state, path)
+
+
+def test_lpips_vgg_agrees_with_the_lpips_package_on_the_same_random_backbone(
+    tmp_path, monkeypatch
+):
+    """The VGG path of LPIPS: its own layer taps and linear weights (an AlexNet-only test
+    would miss a wrong tap or a swapped linear-weight file)."""
+    import lpips
+
+    from gpsr.learned import build_learned
+
+    _random_vgg16_in_hub_cache(tmp_path, monkeypatch)
+    fn = build_learned(["lpips_vgg"], torch.device("cpu"))["lpips_vgg"]
+    sr, hr = _images(n=3, size=64)
+    with torch.no_grad():
+        reference = lpips.LPIPS(net="vgg", verbose=False)(sr * 2 - 1, hr * 2 - 1).flatten()
+    np.testing.assert_allclose(fn(sr, hr).numpy(), reference.double().numpy(), rtol=1e-5)
+    assert fn(hr, hr).abs().max() < 1e-6
+
+
+def test_dists_agrees_with_the_authors_package_on_the_same_random_backbone(
+    tmp_path, monkeypatch
+):
+    """DISTS (torchmetrics' network, used by gpsr) against the authors' DISTS_pytorch built
+    on the same random VGG-16 file and the same alpha / beta: the same per-image values, on a
+    batch of different images (a mean over the wrong dimension would fail)."""
+    from DISTS_pytorch import DISTS
+    from torchmetrics.functional.image.dists import _PATH_WEIGHT_DISTS
+
+    from gpsr.learned import build_learned
+
+    _random_vgg16_in_hub_cache(tmp_path, monkeypatch)
+    fn = build_learned(["dists"], torch.device("cpu"))["dists"]
+    reference = DISTS(load_weights=False).eval()
+    weights = torch.load(_PATH_WEIGHT_DISTS, weights_only=True)
+    reference.alpha.data, reference.beta.data = weights["alpha"], weights["beta"]
+    sr, hr = _images(n=3, size=64)
+    with torch.no_grad():
+        expected = reference(sr, hr).double().numpy()
+    assert len(set(np.round(expected, 6))) == 3
+    np.testing.assert_allclose(fn(sr, hr).numpy(), expected, rtol=1e-5)
+    assert fn(hr, hr).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize(
     "name, file", [("lpips_alex", "alexnet-owt-7be5be79.pth"),
+                   ("dists", "vgg16-397923af.pth"),
                    ("fid", "weights-inception-2015-12-05-6726825d.pth")]
 )  # fmt: skip
 def test_missing_learned_weights_are_refused_before_sampling(
