@@ -35,7 +35,7 @@ from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
 from gpsr.report import benchmark_markdown
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import device_name, pick_device
+from gpsr.utils.device import device_name, pick_device, set_cpu_threads
 from gpsr.utils.speed import set_tf32
 from gpsr.utils.timing import count_flops, median_seconds
 
@@ -119,6 +119,11 @@ class Setup:
     @torch.no_grad()
     def sample(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         lr = ops.degrade(x, self.flow.scale)
+        if self.device.type == "cpu":
+            # The CPU fast path is the sampler's own (sampler.precision=auto: a bf16 UNet
+            # copy where the CPU has bf16 matrix units), not autocast.
+            precision = "auto" if self.mode == "optimized" else "fp32"
+            return self.model.sample_signed(lr.contiguous(), steps, precision=precision)
         with self.autocast:
             return self.model.sample_signed(lr, steps)
 
@@ -252,9 +257,63 @@ def trust_report(ckpt: str, cfg: DictConfig, device: torch.device) -> list[dict[
     return rows
 
 
+def matmul_rows(device: torch.device, n: int = 2048, repeats: int = 5) -> list[dict[str, Any]]:
+    """The device's own arithmetic limit, measured in the same run: an n^3 matrix product in
+    float32 and in bfloat16 (2 n^3 FLOPs each)."""
+    rows = []
+    for dtype, mode in ((torch.float32, "reference"), (torch.bfloat16, "optimized")):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        seconds = median_seconds(lambda a=a, b=b: a @ b, device, 1, repeats)
+        row = _row(f"matmul_{n}", mode, 1, seconds, 2 * n**3, device, device_name(device))
+        row["dtype"] = str(dtype).removeprefix("torch.")
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def demo_rows(ckpt: str, sides: list[int], device: torch.device) -> list[dict[str, Any]]:
+    """A trained model's `super_resolve` (7+1 NFEs, tiled as gpsr.sample tiles) per output
+    megapixel at each LR side, sampler.precision fp32 ("reference") and auto ("optimized"),
+    with the PSNR-free check that matters across precisions: each sample's consistency."""
+    from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
+    from gpsr.tiling import Tiling
+
+    model = GPSR.load(ckpt, device=device)
+    rows = []
+    for side in sides:
+        lr = torch.rand(
+            1, model.flow.channels, side, side, generator=torch.Generator().manual_seed(0)
+        )
+        lr = lr.to(device)
+        for mode, precision in (("reference", "fp32"), ("optimized", "auto")):
+
+            def run(lr=lr, precision=precision):
+                return model.super_resolve(
+                    lr, steps=7, seed=0, indices=[0], tiling=Tiling(), precision=precision
+                )
+
+            sr = run()
+            seconds = median_seconds(run, device, 0, 2)
+            megapixels = sr.shape[-1] * sr.shape[-2] / 1e6
+            row = _row(
+                f"demo_sample_7_lr{side}", mode, 1, seconds, None, device, device_name(device)
+            )
+            row.update(
+                precision=model.resolve_precision(precision),
+                seconds_per_mp=seconds / megapixels,
+                consistency_x1e5=float(per_image_consistency(sr, lr, model.scale).mean())
+                / CONSISTENCY_UNIT,
+            )
+            rows.append(row)
+    return rows
+
+
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     out = check_output_dir(cfg.paths.output_dir)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_threads()
     flops = _flop_counts(cfg, device)
     rows = []
     for mode in MODES:
@@ -263,10 +322,13 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
             for batch in batches:
                 log.info("%s %s batch %d", name, mode, batch)
                 rows.append(_measure(setup, name, int(batch), cfg, flops[name]))
-        largest = _largest_flow_batch(setup, cfg, max(cfg.batches.flow_train))
+        largest = _largest_flow_batch(setup, cfg, max(cfg.batches.flow_train, default=1))
         if largest and largest not in cfg.batches.flow_train:
             rows.append(_measure(setup, "flow_train", largest, cfg, flops["flow_train"]))
         del setup
+    rows += matmul_rows(device)
+    if cfg.get("demo", {}).get("ckpt"):
+        rows += demo_rows(cfg.demo.ckpt, list(cfg.demo.sides), device)
     result: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,

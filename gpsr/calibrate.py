@@ -30,6 +30,7 @@ from tqdm import tqdm
 from gpsr import ops
 from gpsr.configs import register as register_schemas
 from gpsr.inference import load_from_config, sampled_method
+from gpsr.models.gpsr import resolve_precision
 from gpsr.uncertainty import (
     LAMBDA_GRID,
     SPREAD_FLOOR,
@@ -43,6 +44,7 @@ from gpsr.uncertainty import (
     width_on_grid,
 )
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
+from gpsr.utils.device import pick_device
 from gpsr.utils.errors import ConfigError, InputNotFoundError
 
 log = logging.getLogger("gpsr.calibrate")
@@ -81,6 +83,8 @@ def sampler_record(cfg: DictConfig, steps: int) -> dict[str, Any]:
         "project": bool(s.project),
         "ema": bool(cfg.ema),
         "tile": OmegaConf.to_container(s, resolve=True).get("tile"),
+        # The UNet's arithmetic as resolved on this machine (auto -> fp32 or bf16).
+        "precision": resolve_precision(s.get("precision", "fp32"), pick_device(cfg.device)),
     }
 
 
@@ -127,8 +131,9 @@ def load_calibration(path: str | Path, ckpt: str | Path, record: dict[str, Any])
             f"{cal['ckpt_sha256'][:12]}...), not {ckpt}: calibrate this one"
         )
     name = lambda k: k if k == "ema" else f"sampler.{k}"  # noqa: E731
-    diff = [f"{name(k)}={record[k]} (calibrated: {cal['sampler'].get(k)})" for k in record
-            if cal["sampler"].get(k) != record[k]]  # fmt: skip
+    made = {"precision": "fp32", **cal["sampler"]}  # files older than sampler.precision
+    diff = [f"{name(k)}={record[k]} (calibrated: {made.get(k)})" for k in record
+            if made.get(k) != record[k]]  # fmt: skip
     if diff:
         raise ConfigError(
             f"calibration={path} was made with other sampler settings: {', '.join(diff)}; "

@@ -33,7 +33,7 @@ def sampled_method(
 ) -> Callable[[torch.Tensor, list[int], torch.Tensor], torch.Tensor]:
     """fn(lr01 (N, C, h, w), indices, sigma (N,)) -> (N, C, H, W), or (N, K, C, H, W) for
     `sampler.samples` K > 1: `super_resolve` with the config's sampler (eta, spacing,
-    tiling) and seed, `steps` UNet evaluations (0: flow-only sampling), samples seeded per
+    tiling, precision) and seed, `steps` UNet evaluations (0: flow-only sampling), samples seeded per
     image index."""
     sampler = cfg.sampler
     tiling = Tiling.from_config(sampler) if tiling is None else tiling
@@ -47,4 +47,5 @@ def sampled_method(
         spacing=sampler.spacing,
         tiling=tiling,
         sigma_y=sig,
+        precision=sampler.get("precision", "fp32"),
     )

@@ -243,7 +243,8 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         "| what | batch | mode | img/s | TFLOP/s | peak GiB | GiB / img | speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    demo = [r for r in result["rows"] if "seconds_per_mp" in r]
+    for r in [r for r in result["rows"] if "seconds_per_mp" not in r]:
         base = ref.get((r["name"], r["batch"]))
         speed = (
             f"{r['img_per_s'] / base['img_per_s']:.2f}x"
@@ -257,6 +258,25 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
             f"{fmt(r['tflops'], '{:.2f}')} | {fmt(r['peak_gib'], '{:.2f}')} | "
             f"{fmt(per_img, '{:.3f}')} | {speed} |"
         )
+    if demo:
+        ref_demo = {r["name"]: r for r in demo if r["mode"] == "reference"}
+        lines += [
+            "",
+            "| trained model, 7+1 NFEs | mode | UNet precision | s / output MP | speed-up | "
+            "consistency (x1e-5) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in demo:
+            base = ref_demo.get(r["name"])
+            speed = (
+                f"{base['seconds_per_mp'] / r['seconds_per_mp']:.2f}x"
+                if base and r["mode"] == "optimized"
+                else ""
+            )
+            lines.append(
+                f"| {r['name']} | {r['mode']} | {r['precision']} | {r['seconds_per_mp']:.2f} | "
+                f"{speed} | {r['consistency_x1e5']:.3g} |"
+            )
     if "trust" in result:
         lines += [
             "",

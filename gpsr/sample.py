@@ -13,6 +13,7 @@ line naming it; the rest go on.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from gpsr import ops
@@ -194,6 +195,15 @@ def sample_images(cfg: DictConfig) -> int:
     src, out_dir = Path(cfg.input), Path(cfg.output)
     tiling = check_settings(cfg)
     files = list_inputs(src)
+    if cfg.get("calibration") and cfg.sampler.get("precision") == "auto":
+        # Intervals hold for the sampler they were calibrated with: its precision (a file
+        # that cannot be read is refused by calibration_for, in one line).
+        try:
+            made = json.loads(Path(cfg.calibration).read_text())["sampler"].get("precision")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            made = None
+        with open_dict(cfg):
+            cfg.sampler.precision = made if made in ("fp32", "bf16") else "fp32"
     cal = calibration_for(cfg, cfg.sampler.steps)
     lam = cal["lambda"] if cal is not None else None
     plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float, lam is not None)

@@ -26,7 +26,32 @@ from gpsr.tiling import TiledDenoiser, Tiling
 from gpsr.utils.device import available_memory
 from gpsr.utils.errors import ConfigError, NonFiniteOutputError, TooLargeError
 
-__all__ = ["GPSR"]
+__all__ = ["GPSR", "PRECISIONS", "cpu_has_bf16_matrix_units", "resolve_precision"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# UNets at least this wide run bf16 in NHWC; narrower ones (the demo's 32 channels on 16 x 16
+# tiles) were slower in NHWC than in NCHW on the CPU measured (docs/benchmarks.md).
+CHANNELS_LAST_MIN_WIDTH = 64
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`sampler.precision` -> "fp32" or "bf16" for the UNet on `device`: "auto" is bf16 on
+    a CPU with bfloat16 matrix units (`cpu_has_bf16_matrix_units`), fp32 elsewhere (GPUs,
+    whose path is unchanged, and CPUs without them, where bf16 does not pay)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cpu" and cpu_has_bf16_matrix_units() else "fp32"
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU has bfloat16 matrix units (Intel AMX tiles), through which oneDNN runs
+    bfloat16 convolutions and matrix products several times faster than float32."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
 
 
 class GPSR(nn.Module):
@@ -53,6 +78,7 @@ class GPSR(nn.Module):
         self.diffusion = diffusion
         self.stats = stats
         self.noise = noise
+        self._bf16_unet: tuple[tuple, nn.Module] | None = None  # (source key, BF16UNet)
 
     @classmethod
     def load(
@@ -108,6 +134,31 @@ class GPSR(nn.Module):
                 "sampling with steps > 0 needs a UNet, a diffusion and latent statistics"
             )
 
+    def resolve_precision(self, precision: str) -> str:
+        """`resolve_precision` on this model's device (fp32 for a model without a UNet)."""
+        resolved = resolve_precision(precision, self.device)
+        return resolved if self.unet is not None else "fp32"
+
+    def sampling_unet(self, precision: str) -> nn.Module:
+        """The UNet the sampler calls: this model's own for "fp32"; for "bf16" a `BF16UNet`
+        copy (NHWC for UNets of at least 64 channels), made once and remade when the UNet's
+        weights, device or identity change."""
+        from gpsr.models.unet import BF16UNet
+
+        if precision == "fp32":
+            return self.unet
+        params = list(self.unet.parameters())
+        key = (
+            id(self.unet),
+            params[0].device,
+            params[0].data_ptr(),
+            sum(p._version for p in params),
+        )
+        if self._bf16_unet is None or self._bf16_unet[0] != key:
+            wide = getattr(self.unet, "model_channels", 0) >= CHANNELS_LAST_MIN_WIDTH
+            self._bf16_unet = (key, BF16UNet(self.unet, channels_last=wide).eval())
+        return self._bf16_unet[1]
+
     # ------------------------------------------------------------------ Algorithm 2
     def training_loss(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
         """The latent DDPM's training loss (Algorithm 2) on dequantised HR images x
@@ -120,11 +171,15 @@ class GPSR(nn.Module):
         return self.diffusion.training_loss(CoarseConditioned(net, coarse.float()), zhat)
 
     # ------------------------------------------------------------------ Algorithm 3
-    def denoisers(self, coarse: torch.Tensor, tiling: Tiling) -> tuple[nn.Module, nn.Module]:
-        """The UNet conditioned on coarse (N, C, h, w), for every step but the last and for
+    def denoisers(
+        self, coarse: torch.Tensor, tiling: Tiling, net: nn.Module | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """The UNet (or `net`, a faster copy of it: `sampling_unet`) conditioned on coarse
+        (N, C, h, w), for every step but the last and for
         the last: on overlapping latent tiles (`tiling.overlap`, then `tiling.final_overlap`)
         when `tiling` asks for it and the latent is larger than one tile; otherwise whole (the
         same module twice), after checking once that its global attention fits in memory."""
+        net = self.unet if net is None else net
         # Tiles start on the grid the UNet saw in training: whole LR pixels (k latent
         # pixels) and whole pixels of its deepest level.
         align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
@@ -132,13 +187,11 @@ class GPSR(nn.Module):
         h, w = coarse.shape[-2:]
         if tile is None or (h <= tile and w <= tile):
             self._check_whole_latent(coarse.shape[0], h, w, coarse.device)
-            whole = CoarseConditioned(self.unet, coarse)
+            whole = CoarseConditioned(net, coarse)
             return whole, whole
         steps, last = (
             CoarseConditioned(
-                TiledDenoiser(
-                    self.unet, tile, tiling.unet_overlap(tile, final), tiling.batch, align
-                ),
+                TiledDenoiser(net, tile, tiling.unet_overlap(tile, final), tiling.batch, align),
                 coarse,
             )
             for final in (False, True)
@@ -169,9 +222,13 @@ class GPSR(nn.Module):
         noise_fn=None,
         spacing: str = "linspace",
         tiling: Tiling | None = None,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """GPSR sampling (Algorithm 3): y (N, C, h, w) in [-1, 1] -> x (N, C, s*h, s*w) in
         about [-1, 1], x = G(y, z) (`DegradationFlow.pseudoinverse`).
+
+        `precision` ("fp32", "bf16" or "auto": `resolve_precision`) is the UNet's; the DDIM
+        updates, the latent statistics and the flow inverse stay float32 whatever it is.
 
         `steps` UNet evaluations in the normalised latent space give z; steps = 0 is
         flow-only sampling, z ~ N(0, I) straight into the flow (Remark 3). `noise_fn(shape)`
@@ -187,7 +244,8 @@ class GPSR(nn.Module):
         else:
             self._require_diffusion()
             coarse = ops.upsample_nearest(y, self.flow.k)
-            model, final_model = self.denoisers(coarse, tiling)
+            net = self.sampling_unet(self.resolve_precision(precision))
+            model, final_model = self.denoisers(coarse, tiling, net)
             zhat = self.diffusion.sample(
                 model,
                 shape,
@@ -274,6 +332,7 @@ class GPSR(nn.Module):
         spacing: str = "linspace",
         tiling: Tiling | None = None,
         sigma_y: float | str | torch.Tensor = 0.0,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         """Super-resolve LR images of any size.
 
@@ -294,6 +353,9 @@ class GPSR(nn.Module):
         on overlapping tiles of its training size and the flow inverse on 256 x 256 coarse
         tiles with an exact halo, so memory is bounded by the tile; `Tiling.whole()` runs
         every image in one piece.
+        precision: the UNet's arithmetic, "fp32" (default: bit-identical to earlier
+        releases), "bf16" or "auto" (bf16 on CPUs with bfloat16 matrix units;
+        `resolve_precision`); the flow inverse and the projection stay float32 / float64.
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w). A
         sample that is not finite (damaged or diverged weights) is never returned: it raises
         `NonFiniteOutputError` naming the images.
@@ -304,6 +366,7 @@ class GPSR(nn.Module):
             )
         if steps > 0 and self.unet is None:
             raise ConfigError("this checkpoint has no diffusion model (flow stage): use steps=0")
+        self.resolve_precision(precision)  # a bad value is refused before any work
         multiple, minimum = self.lr_size_rule()
         h, w = lr.shape[-2:]
         if steps > 0 and (min(h, w) < minimum or h % multiple or w % multiple):
@@ -329,7 +392,7 @@ class GPSR(nn.Module):
                 noise = None
             x = self.sample_signed(
                 y, steps, eta=eta, noise_fn=noise, spacing=spacing,
-                tiling=Tiling() if tiling is None else tiling,
+                tiling=Tiling() if tiling is None else tiling, precision=precision,
             )  # fmt: skip
             bad = ~torch.isfinite(x).flatten(1).all(1)
             if bool(bad.any()):

@@ -1,0 +1,136 @@
+"""The sampler's precision (`sampler.precision`): fp32 is the paper's algorithm on the model's
+own modules, bit for bit; bf16 runs a bfloat16 copy of the UNet only, close to fp32, and leaves
+the projection's consistency untouched."""
+
+import pytest
+import torch
+
+from gpsr import ops
+from gpsr.diffusion import GaussianDiffusion, IndexNoise
+from gpsr.metrics import per_image_consistency
+from gpsr.models import gpsr as gpsr_module
+from gpsr.models.conditioning import CoarseConditioned
+from gpsr.models.gpsr import GPSR, resolve_precision
+from gpsr.models.stats import LatentStats
+from gpsr.models.unet import BF16UNet, GroupNorm32, UNet
+from gpsr.tiling import Tiling
+from gpsr.utils.errors import ConfigError
+
+from tests.helpers import SMALL_UNET, randomize_, tiny_flow
+
+
+def _model() -> GPSR:
+    torch.manual_seed(0)
+    flow = tiny_flow(scale=4, std=0.05)
+    unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.05).eval()
+    stats = LatentStats(9)
+    with torch.no_grad():  # non-trivial statistics: a forgotten denormalisation would show
+        stats.mean.fill_(0.1)
+        stats.var.fill_(0.64)
+        stats.zmin.fill_(-3.0)
+        stats.zmax.fill_(3.0)
+        stats.ready.fill_(True)
+    return GPSR(flow, unet, GaussianDiffusion(1000, prediction="x0"), stats).eval()
+
+
+def _lr(n=2, side=8, seed=0):
+    return torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fp32_is_algorithm_3_on_the_models_own_modules_bit_for_bit():
+    """precision=fp32 (the default) against the paper's sampler composed by hand from the
+    model's parts (DDIM over the UNet conditioned on the coarse image, denormalisation, flow
+    inverse): equal to the last bit. A bf16 copy, a cast or a reordering in the fp32 path
+    would fail it."""
+    model, lr = _model(), _lr()
+    out = model.super_resolve(lr, steps=3, seed=0, indices=[0, 1], precision="fp32")
+    assert model.sampling_unet("fp32") is model.unet
+    y = ops.to_signed(lr)
+    noise = IndexNoise([0, 1], 0, torch.device("cpu"))
+    net = CoarseConditioned(model.unet, ops.upsample_nearest(y, model.flow.k))
+    shape = (2, *model.flow.latent_shape(8, 8))
+    zhat = model.diffusion.sample(
+        net, shape, steps=3, eta=1.0, clip=model.stats.bounds(), noise_fn=noise
+    )
+    x = model.flow.pseudoinverse(y, model.stats.denormalise(zhat), None, 0)
+    assert torch.equal(out, ops.to_unit(x).clamp(0, 1))
+
+
+def test_bf16_sampling_is_close_to_fp32_and_really_bf16():
+    """bf16 differs from fp32 (it did run in bf16) by at most 0.05 per pixel and 0.01 on
+    average on [0, 1] images (bfloat16 keeps 8 bits of mantissa; over 3 steps of this random
+    UNet the documented tolerance); its UNet copy holds bf16 weights except the norms'."""
+    model, lr = _model(), _lr()
+    a = model.super_resolve(lr, steps=3, seed=0, indices=[0, 1], precision="fp32")
+    b = model.super_resolve(lr, steps=3, seed=0, indices=[0, 1], precision="bf16")
+    diff = (a - b).abs()
+    assert 0 < float(diff.max()) < 0.05 and float(diff.mean()) < 0.01
+    fast = model.sampling_unet("bf16")
+    assert isinstance(fast, BF16UNet) and model.sampling_unet("bf16") is fast  # made once
+    for module in fast.modules():
+        for p in module.parameters(recurse=False):
+            want = torch.float32 if isinstance(module, torch.nn.GroupNorm) else torch.bfloat16
+            assert p.dtype == want
+    # The source model is untouched: still float32, and fp32 sampling gives the same again.
+    assert all(p.dtype == torch.float32 for p in model.unet.parameters())
+    again = model.super_resolve(lr, steps=3, seed=0, indices=[0, 1], precision="fp32")
+    assert torch.equal(a, again)
+
+
+def test_bf16_copy_follows_new_weights():
+    model, lr = _model(), _lr(n=1)
+    before = model.sampling_unet("bf16")
+    with torch.no_grad():
+        next(model.unet.parameters()).add_(0.5)
+    assert model.sampling_unet("bf16") is not before
+
+
+def test_projected_bf16_samples_stay_consistent():
+    """The projection (float64) does not depend on the UNet's precision: projected bf16
+    samples agree with their (reachable) LR images as fp32 ones do, MSE < 1e-9."""
+    model = _model()
+    lr = ops.degrade(_lr(side=32), 4).clamp(0, 1)
+    for precision in ("fp32", "bf16"):
+        x = model.super_resolve(
+            lr, steps=2, seed=0, indices=[0, 1], project=True, precision=precision
+        )
+        c = per_image_consistency(x.double(), lr.double(), model.scale)
+        assert c.shape == (2,) and float(c.max()) < 1e-9
+
+
+def test_bf16_on_tiles_matches_bf16_whole_closely():
+    """A latent larger than one tile: the bf16 UNet runs through the tiled denoiser too."""
+    model, lr = _model(), _lr(n=1, side=12)  # latent 24 > tile 16
+    a = model.super_resolve(lr, steps=2, seed=0, indices=[0], precision="fp32")
+    b = model.super_resolve(lr, steps=2, seed=0, indices=[0], precision="bf16", tiling=Tiling())
+    assert float((a - b).abs().max()) < 0.05
+
+
+def test_groupnorm_mixed_dtype_matches_float32_statistics():
+    """The bf16 path's GroupNorm (bf16 input, float32 weights) against float32 GroupNorm of
+    the same bf16 values: equal up to the output's bf16 rounding, per image (two different
+    images in one batch: statistics over the wrong dimension would fail)."""
+    gn = GroupNorm32(4, 16)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(2, 16, 5, 5) * torch.tensor([1.0, 3.0])[:, None, None, None] + 2
+    xb = x.bfloat16()
+    out = gn(xb)
+    assert out.dtype == torch.bfloat16
+    ref = torch.nn.functional.group_norm(xb.float(), 4, gn.weight, gn.bias, gn.eps)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=2e-2)
+
+
+def test_resolve_precision(monkeypatch):
+    monkeypatch.setattr(gpsr_module, "cpu_has_bf16_matrix_units", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(gpsr_module, "cpu_has_bf16_matrix_units", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ConfigError, match="sampler.precision"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sampler.precision"):
+        _model().super_resolve(_lr(n=1), steps=0, precision="half")
