@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from gpsr.benchmark import run_benchmark
+from gpsr.inference import GPSR
 from tests.helpers import compose_cfg
 
 TINY = [
@@ -21,15 +24,31 @@ TINY = [
 
 def test_benchmark_rows_and_trust_columns(tmp_path, ddpm_ckpt):
     cfg = compose_cfg(
-        [*TINY, f"trust.ckpt={ddpm_ckpt}", "trust.images=4"], name="benchmark", output_dir=tmp_path
-    )
+        [*TINY, f"trust.ckpt={ddpm_ckpt}", "trust.images=4", f"demo.ckpt={ddpm_ckpt}",
+         "demo.sides=[8]"],
+        name="benchmark", output_dir=tmp_path,
+    )  # fmt: skip
     run_benchmark(cfg)
     data = json.loads((tmp_path / "benchmark.json").read_text())
     rows = data["rows"]
-    names = {"flow_train", "ddpm_train", "flow_inverse", "sample_7", "sample_100"}
+    names = {"flow_train", "ddpm_train", "flow_inverse", "sample_7", "sample_100", "matmul_2048"}
+    demo = [r for r in rows if r["name"] == "demo_sample_7_lr8"]
+    rows = [r for r in rows if r not in demo]
     assert {(r["name"], r["mode"]) for r in rows} == {
         (n, m) for n in names for m in ("reference", "optimized")
     }
+    for r in rows:
+        if r["name"] == "matmul_2048":  # 2 n^3 FLOPs in the row's seconds
+            assert r["tflops"] == pytest.approx(2 * 2048**3 / r["seconds"] / 1e12)
+    # The trained model's rows: fp32 and auto, seconds per output megapixel of 8 * scale
+    # pixels a side, the consistency of each sample.
+    assert [r["mode"] for r in demo] == ["reference", "optimized"]
+    assert demo[0]["precision"] == "fp32" and demo[1]["precision"] in ("fp32", "bf16")
+    megapixels = (8 * GPSR.load(ddpm_ckpt).scale) ** 2 / 1e6
+    for r in demo:
+        assert r["seconds_per_mp"] == pytest.approx(r["seconds"] / megapixels)
+        assert r["consistency_x1e5"] > 0  # random LR images: not reachable exactly
+    assert "s / output MP" in (tmp_path / "benchmark.md").read_text()
     for r in rows:
         assert set(r) >= {"name", "mode", "batch", "img_per_s", "tflops", "peak_gib", "device"}
         assert r["img_per_s"] > 0 and r["tflops"] > 0 and r["device"].startswith("CPU")

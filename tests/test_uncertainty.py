@@ -167,6 +167,7 @@ def test_evaluate_reports_calibrated_and_uncalibrated_intervals(calibration, ddp
         ("sampler.steps=2", "sampler.steps=2 (calibrated: 1)"),
         ("sampler.samples=3", "sampler.samples=3 (calibrated: 2)"),
         ("ema=false", "ema=False (calibrated: True)"),
+        ("sampler.precision=bf16", "sampler.precision=bf16 (calibrated: fp32)"),
     ],
 )
 def test_a_calibration_is_refused_with_other_settings(calibration, ddpm_ckpt, override, words):
@@ -184,7 +185,7 @@ def test_a_calibration_is_refused_with_other_settings(calibration, ddpm_ckpt, ov
 def test_a_calibration_of_another_checkpoint_or_edited_by_hand_is_refused(
     calibration, ddpm_ckpt, flow_ckpt, tmp_path
 ):
-    from gpsr.calibrate import load_calibration, sampler_record
+    from gpsr.calibrate import _seal, load_calibration, sampler_record
     from gpsr.utils.errors import ConfigError
 
     cfg = compose_cfg(
@@ -195,6 +196,11 @@ def test_a_calibration_of_another_checkpoint_or_edited_by_hand_is_refused(
     with pytest.raises(ConfigError, match="another checkpoint"):
         load_calibration(calibration[0], flow_ckpt, record)
     edited = json.loads(calibration[0].read_text())
+    legacy = json.loads(calibration[0].read_text())  # written before sampler.precision
+    del legacy["sampler"]["precision"]
+    legacy["seal"] = _seal(legacy)
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert load_calibration(tmp_path / "legacy.json", ddpm_ckpt, record)["lambda"] > 0
     edited["lambda"] = 0.5  # a narrower interval, by hand
     (tmp_path / "edited.json").write_text(json.dumps(edited))
     with pytest.raises(ConfigError, match="changed after gpsr.calibrate wrote it"):
