@@ -16,7 +16,6 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +32,7 @@ from gpsr.utils.cli import (
     report_errors,
 )
 from gpsr.utils.device import set_cpu_threads
-from gpsr.utils.errors import InputNotFoundError
+from gpsr.utils.errors import ConfigError, InputNotFoundError
 from gpsr.utils.loggers import RUN_ID_FILE, ResumableCSVLogger
 
 log = logging.getLogger("gpsr.train")
@@ -132,9 +131,15 @@ register_schemas()  # the defaults that conf/stage and conf/data extend
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     key = cfg.get("optimized_metric")
-    if key and HydraConfig.initialized():
-        return metrics.get(key)
-    return None
+    if not key:
+        return None
+    if key not in metrics:
+        raise ConfigError(
+            f"optimized_metric={key} was not logged by this run; it logged "
+            f"{', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
+        )
+    log.info("optimized_metric %s = %.6g", key, metrics[key])
+    return metrics[key]
 
 
 if __name__ == "__main__":

@@ -307,3 +307,42 @@ def test_full_disk_is_reported_with_sizes(tmp_path):
     with pytest.raises(PermissionError, match=r"MiB free on the disk of .*needs about"):
         check_output_dir(tmp_path, need_bytes=2**62)
     assert check_output_dir(tmp_path / "new", need_bytes=1).is_dir()
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
+    """`hparams_search=demo_optuna_flow`: two tiny flow trainings with settings Optuna drew
+    (different), each in its own folder and with its own W&B run, each returning the
+    configured metric; the sweeper's summary names the best of the two values, and the study
+    is in <sweep>/optuna.db, which a rerun extends (resume)."""
+    import optuna
+    import yaml
+
+    sweep = tmp_path / "search"
+    args = [
+        "-m", "hparams_search=demo_optuna_flow", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2", *FAST, "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "callbacks.model_checkpoint.every_n_train_steps=4",
+        "test_after_fit=false", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    run_cli("train", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    trials = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert len(trials) == 2
+    values, settings = [], []
+    for trial in trials:
+        metrics = json.loads((trial / "metrics.json").read_text())
+        values.append(metrics["val/flow_sample/psnr"])
+        overrides = yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text())
+        settings.append(sorted(o for o in overrides if o.startswith(("stage.", "model."))))
+        assert list((trial / "wandb").glob("offline-run-*")), trial
+    assert settings[0] != settings[1] and len(settings[0]) == 2
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(values))
+    study = optuna.load_study(study_name="gpsr_flow", storage=f"sqlite:///{sweep}/optuna.db")
+    assert len(study.trials) == 2 and study.best_value == pytest.approx(max(values))
+    # Resume: the same sweep folder continues the study in a new trial folder.
+    args = [a.replace("n_trials=2", "n_trials=1") for a in args]
+    run_cli("train", *args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    study = optuna.load_study(study_name="gpsr_flow", storage=f"sqlite:///{sweep}/optuna.db")
+    assert len(study.trials) == 3
+    assert len([p for p in sweep.iterdir() if (p / "metrics.json").is_file()]) == 3

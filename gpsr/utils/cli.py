@@ -51,10 +51,20 @@ def per_device_batch(global_batch: int, devices: Any, nodes: Any, accumulate: An
     return int(global_batch) // world
 
 
+def study_storage(folder: str) -> str:
+    """`${gpsr.study_storage:<folder>}`: the SQLite URL of an Optuna study kept in `folder`
+    (conf/hparams_search/: the sweep folder), creating the folder, which Hydra makes only when
+    the first trial starts, after the sweeper has opened the study."""
+    path = Path(folder).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'optuna.db'}"
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("gpsr.per_device_batch", per_device_batch, replace=True)
+    OmegaConf.register_new_resolver("gpsr.study_storage", study_storage, replace=True)
 
 
 _register_resolvers()
