@@ -15,7 +15,6 @@ from gpsr.models.stats import LatentStats
 from gpsr.models.unet import BF16UNet, GroupNorm32, UNet
 from gpsr.tiling import Tiling
 from gpsr.utils.errors import ConfigError
-
 from tests.helpers import SMALL_UNET, randomize_, tiny_flow
 
 
@@ -78,7 +77,7 @@ def test_bf16_sampling_is_close_to_fp32_and_really_bf16():
 
 
 def test_bf16_copy_follows_new_weights():
-    model, lr = _model(), _lr(n=1)
+    model = _model()
     before = model.sampling_unet("bf16")
     with torch.no_grad():
         next(model.unet.parameters()).add_(0.5)

@@ -221,9 +221,7 @@ def _random_vgg16_in_hub_cache(tmp_path, monkeypatch) -> None:
     torch.save(state, path)
 
 
-def test_lpips_vgg_agrees_with_the_lpips_package_on_the_same_random_backbone(
-    tmp_path, monkeypatch
-):
+def test_lpips_vgg_agrees_with_the_lpips_package_on_the_same_random_backbone(tmp_path, monkeypatch):
     """The VGG path of LPIPS: its own layer taps and linear weights (an AlexNet-only test
     would miss a wrong tap or a swapped linear-weight file)."""
     import lpips
@@ -239,9 +237,7 @@ def test_lpips_vgg_agrees_with_the_lpips_package_on_the_same_random_backbone(
     assert fn(hr, hr).abs().max() < 1e-6
 
 
-def test_dists_agrees_with_the_authors_package_on_the_same_random_backbone(
-    tmp_path, monkeypatch
-):
+def test_dists_agrees_with_the_authors_package_on_the_same_random_backbone(tmp_path, monkeypatch):
     """DISTS (torchmetrics' network, used by gpsr) against the authors' DISTS_pytorch built
     on the same random VGG-16 file and the same alpha / beta: the same per-image values, on a
     batch of different images (a mean over the wrong dimension would fail)."""
