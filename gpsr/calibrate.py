@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
-from gpsr import ops
+from gpsr import ops, progress
 from gpsr.configs import register as register_schemas
 from gpsr.inference import load_from_config, sampled_method
 from gpsr.models.gpsr import resolve_precision
@@ -201,7 +201,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     sample = sampled_method(model, cfg, steps)
     losses, widths, pixels, t0 = [], [], 0, time.perf_counter()
     for b, batch in enumerate(
-        tqdm(loader, desc=f"calibrate {cfg.split}", disable=not cfg.progress)
+        tqdm(loader, desc=f"calibrate {cfg.split}", disable=not progress.show_bars(cfg.progress))
     ):
         if cfg.limit_batches is not None and b >= cfg.limit_batches:
             break

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from tqdm import tqdm
 
-from gpsr import ops
+from gpsr import ops, progress
 from gpsr.calibrate import calibration_for
 from gpsr.configs import register as register_schemas
 from gpsr.diffusion import add_diagnostic, diagnostic_means
@@ -198,7 +198,9 @@ def run_methods(
     if (target := interval_method(methods, cfg)) is not None:
         run.intervals = (target, IntervalMetrics(lam).to(device))
     limit = cfg.limit_batches
-    for b, batch in enumerate(tqdm(loader, desc=f"evaluate {cfg.split}", disable=not cfg.progress)):
+    for b, batch in enumerate(
+        tqdm(loader, desc=f"evaluate {cfg.split}", disable=not progress.show_bars(cfg.progress))
+    ):
         if limit is not None and b >= limit:
             break
         hr = ops.to_unit(batch["hr"].to(device))

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 from PIL import Image
+from tqdm import tqdm
 
-from gpsr import ops
+from gpsr import ops, progress
 from gpsr.calibrate import calibration_for
 from gpsr.data.images import IMAGE_SUFFIXES, ImageFileError, decode_rgb
 from gpsr.diffusion import SPACINGS
@@ -224,14 +225,24 @@ def sample_images(cfg: DictConfig) -> int:
         )
         steps = 0
     failures = 0
-    for path, outs in plan.items():
+    bars = progress.show_bars(cfg.get("progress", True))
+    for path, outs in tqdm(plan.items(), desc="images", unit="image", disable=not bars):
         try:
-            process_one(model, path, outs, steps, tiling, cfg, lam)
+            process_one(model, path, outs, steps, tiling, cfg, lam, bars)
         except GPSRError as err:
             failures += 1
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
             print(f"skipped: {msg}", file=sys.stderr, flush=True)
     return failures
+
+
+def image_work_units(
+    model: GPSR, lr_height: int, lr_width: int, steps: int, tiling: Tiling, sampler
+) -> int:
+    """Units of progress of one LR image in `gpsr.sample`: each sample's UNet calls and
+    decode (`GPSR.work_units`), and one for the projection when `sampler.project`."""
+    one = model.work_units(lr_height, lr_width, steps, tiling)
+    return int(sampler.samples) * one + (1 if sampler.project else 0)
 
 
 def process_one(
@@ -242,9 +253,12 @@ def process_one(
     tiling: Tiling,
     cfg: DictConfig,
     lam: float | None = None,
+    bars: bool = False,
 ) -> None:
     """Super-resolve one LR file and write its planned outputs (with `lam`, a calibrated
-    lambda, its interval maps too); GPSRError on a bad file."""
+    lambda, its interval maps too); GPSRError on a bad file. `bars`: a progress bar over
+    this image's UNet calls, decodes and projection (`image_work_units`), shown once the
+    image has taken 2 s."""
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ImageFileError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
     img = decode_rgb(path, cfg.get("max_pixels"))
@@ -273,10 +287,21 @@ def process_one(
     noisy = bool((sigma > 0).any())
     if sigma_y == "auto":
         print(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}", flush=True)
-    sr = sampled_method(model, cfg, steps, tiling)(lr, [0], sigma)
-    stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
+    units = image_work_units(model, lr.shape[-2], lr.shape[-1], steps, tiling, sampler)
+    bar = tqdm(total=units, desc=path.name, unit="call", leave=False, delay=2, disable=not bars)
+    t_proj = 0.0
+    with bar, progress.reporting(bar.update):
+        sr = sampled_method(model, cfg, steps, tiling)(lr, [0], sigma)
+        stack = sr if sampler.samples > 1 else sr[:, None]  # (1, K, C, H, W)
+        sampled = stack
+        if sampler.project:
+            t1 = time.perf_counter()
+            bar.set_postfix_str("projecting")
+            stack, _ = model.project(stack, lr, sigma)
+            progress.advance()
+            t_proj = time.perf_counter() - t1
     reps = lr.expand(stack.shape[1], -1, -1, -1)
-    timing = f"sampled in {time.perf_counter() - t0:.3g} s"
+    timing = f"sampled in {time.perf_counter() - t0 - t_proj:.3g} s"
 
     def agreement(x: torch.Tensor) -> str:
         """Consistency x1e-5, or with noise the discrepancy ratio ||D(x) - y||^2/(m sigma^2)."""
@@ -286,11 +311,9 @@ def process_one(
         return f"{mse / CONSISTENCY_UNIT:.4g}"
 
     what = "discrepancy ratio (1 = within the noise)" if noisy else "consistency x1e-5"
-    consistency = f"{what}: sample {agreement(stack[0])}"
+    consistency = f"{what}: sample {agreement(sampled[0])}"
     if sampler.project:
-        t0 = time.perf_counter()
-        stack, _ = model.project(stack, lr, sigma)
-        timing += f", projected in {time.perf_counter() - t0:.3g} s"
+        timing += f", projected in {t_proj:.3g} s"
         consistency += f", projected {agreement(stack[0])}"
         short = per_image_consistency(stack[0], reps, model.scale) - sigma.double() ** 2
         if float(short.max()) > PROJECTION_SLACK:

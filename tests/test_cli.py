@@ -13,7 +13,7 @@ from PIL import Image
 
 from gpsr import ops
 from gpsr.utils.cli import check_output_dir
-from tests.helpers import FAST, run_cli
+from tests.helpers import FAST, compose_cfg, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -204,6 +204,8 @@ def test_sample_cli_processes_good_files_and_names_bad_ones(tmp_path, ddpm_ckpt)
         "broken.png: cannot be decoded" in proc.stderr and "notes.txt: not an image" in proc.stderr
     )
     assert "Traceback" not in proc.stderr
+    # Output that is not a terminal: plain lines, no progress bars (progress=true is default).
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr and "%|" not in proc.stderr
     assert (out / "astro_sr0.png").is_file() and (out / "astro_std.png").is_file()
     sr = np.load(out / "astro_sr1.npy")
     assert sr.shape == (64, 64, 3) and sr.dtype == np.float32
@@ -346,3 +348,91 @@ def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
     study = optuna.load_study(study_name="gpsr_flow", storage=f"sqlite:///{sweep}/optuna.db")
     assert len(study.trials) == 3
     assert len([p for p in sweep.iterdir() if (p / "metrics.json").is_file()]) == 3
+
+
+class _Bar:
+    """A stand-in for tqdm that records its total and the units it was advanced by."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, iterable=None, total=None, desc=None, disable=False, **kwargs):
+        self.iterable, self.total, self.desc, self.disable, self.n = iterable, total, desc, disable, 0
+        _Bar.made.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, s):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_sample_progress_total_is_the_true_work_of_a_tiled_image(
+    tmp_path, ddpm_ckpt, monkeypatch, project
+):
+    """The per-image bar's total, computed before sampling (GPSR.work_units), equals the
+    work done: the UNet calls counted on the network itself (several per step: the latent
+    is larger than one tile), one decode per sample and the projection; and the bar is
+    advanced by exactly that much."""
+    from gpsr import progress
+    from gpsr import sample as module
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(src / "a.png")
+    calls = []
+    load = module.load_from_config
+
+    def counted_load(cfg):
+        model = load(cfg)
+        model.unet.register_forward_hook(lambda *a: calls.append(1))
+        return model
+
+    _Bar.made = []
+    monkeypatch.setattr(module, "load_from_config", counted_load)
+    monkeypatch.setattr(module, "tqdm", _Bar)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    cfg = compose_cfg(
+        [f"ckpt={ddpm_ckpt}", f"input={src}", f"output={tmp_path / 'sr'}", "sampler.steps=3",
+         "sampler.samples=2", f"sampler.project={str(project).lower()}",
+         "sampler.tile_batch=2"],
+        name="sample", output_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert module.sample_images(cfg) == 0
+    images, bar = _Bar.made
+    assert images.desc == "images" and images.n == 1 and not images.disable
+    assert bar.desc == "a.png" and not bar.disable
+    assert len(calls) > 2 * 3  # tiled: more than one UNet call per step
+    assert bar.total == len(calls) + 2 + int(project) == bar.n
+
+
+def test_progress_false_draws_no_bar_even_on_a_terminal(tmp_path, ddpm_ckpt, monkeypatch, capsys):
+    from gpsr import progress
+    from gpsr import sample as module
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(src / "a.png")
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    assert progress.show_bars(True) and not progress.show_bars(False)
+    cfg = compose_cfg(
+        [f"ckpt={ddpm_ckpt}", f"input={src}", f"output={tmp_path / 'sr'}", "sampler.steps=1",
+         "progress=false"],
+        name="sample", output_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert module.sample_images(cfg) == 0
+    out = capsys.readouterr()
+    assert "a.png: 16x16 ->" in out.out  # the plain line per image
+    assert "\r" not in out.err + out.out and "it/s" not in out.err and "%|" not in out.err

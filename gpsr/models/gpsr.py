@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpsr import ops
+from gpsr import ops, progress
 from gpsr.diffusion import GaussianDiffusion, IndexNoise, diagnostic_timesteps
 from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.noise import LRNoiseModel
 from gpsr.models.stats import LatentStats
 from gpsr.projection import project_consistent_box, project_noise_ball
-from gpsr.tiling import TiledDenoiser, Tiling
+from gpsr.tiling import TiledDenoiser, Tiling, tile_starts
 from gpsr.utils.device import available_memory
 from gpsr.utils.errors import ConfigError, NonFiniteOutputError, TooLargeError
 
@@ -167,7 +167,7 @@ class GPSR(nn.Module):
         with torch.no_grad():
             coarse, z, _ = self.flow(x)
             zhat = self.stats.normalise(z.float())
-        net = self.unet if net is None else net
+        net = progress.Counted(self.unet if net is None else net)  # each call: one unit
         return self.diffusion.training_loss(CoarseConditioned(net, coarse.float()), zhat)
 
     # ------------------------------------------------------------------ Algorithm 3
@@ -179,7 +179,7 @@ class GPSR(nn.Module):
         the last: on overlapping latent tiles (`tiling.overlap`, then `tiling.final_overlap`)
         when `tiling` asks for it and the latent is larger than one tile; otherwise whole (the
         same module twice), after checking once that its global attention fits in memory."""
-        net = self.unet if net is None else net
+        net = progress.Counted(self.unet if net is None else net)  # each call: one unit
         # Tiles start on the grid the UNet saw in training: whole LR pixels (k latent
         # pixels) and whole pixels of its deepest level.
         align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
@@ -257,7 +257,31 @@ class GPSR(nn.Module):
                 final_model=final_model,
             )
             z = self.stats.denormalise(zhat.to(y.dtype))
-        return self.flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
+        x = self.flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
+        progress.advance()  # the decode: one unit
+        return x
+
+    def work_units(
+        self, lr_height: int, lr_width: int, steps: int, tiling: Tiling, images: int = 1
+    ) -> int:
+        """Units of progress (`gpsr.progress`) of one sample of a batch of `images` LR images
+        of this size: the UNet calls of `steps` steps (one per batch of `tiling.batch` tiles
+        on a latent larger than one tile, as `denoisers` tiles it; else one per step) and one
+        flow decode."""
+        if steps == 0 or self.unet is None:
+            return 1
+        _, h, w = self.flow.latent_shape(lr_height, lr_width)
+        align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
+        tile = tiling.unet_tile(self.unet, align)
+        if tile is None or (h <= tile and w <= tile):
+            return steps + 1
+        th, tw = min(tile, h), min(tile, w)
+        calls = 0
+        for i in range(steps):
+            overlap = tiling.unet_overlap(tile, final=i == steps - 1)
+            rows, cols = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
+            calls += -(-images * len(rows) * len(cols) // tiling.batch)
+        return calls + 1
 
     # ------------------------------------------------------------------ noisy LR images
     @torch.no_grad()
