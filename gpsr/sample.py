@@ -232,8 +232,13 @@ def sample_images(cfg: DictConfig) -> int:
         except GPSRError as err:
             failures += 1
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
-            print(f"skipped: {msg}", file=sys.stderr, flush=True)
+            say(f"skipped: {msg}", file=sys.stderr, flush=True)
     return failures
+
+
+def say(*args, file=None, flush: bool = True) -> None:
+    """print, through tqdm so that a progress bar on the terminal is not overwritten."""
+    tqdm.write(" ".join(map(str, args)), file=file or sys.stdout)
 
 
 def image_work_units(
@@ -286,7 +291,7 @@ def process_one(
     sigma = model.noise_level(lr, sigma_y)
     noisy = bool((sigma > 0).any())
     if sigma_y == "auto":
-        print(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}", flush=True)
+        say(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}", flush=True)
     units = image_work_units(model, lr.shape[-2], lr.shape[-1], steps, tiling, sampler)
     bar = tqdm(total=units, desc=path.name, unit="call", leave=False, delay=2, disable=not bars)
     t_proj = 0.0
@@ -317,7 +322,7 @@ def process_one(
         consistency += f", projected {agreement(stack[0])}"
         short = per_image_consistency(stack[0], reps, model.scale) - sigma.double() ** 2
         if float(short.max()) > PROJECTION_SLACK:
-            print(
+            say(
                 f"warning: {path.name}: the projection stopped short of its target (residual "
                 f"{float(short.max()):.3g} MSE above it): no image in [0, 1] may produce this "
                 f"LR image exactly (e.g. a resized or sharpened photo); its closest is written",
@@ -325,7 +330,7 @@ def process_one(
                 flush=True,
             )
     write_outputs(stack[0], outs, cfg.save_float, lam)
-    print(
+    say(
         f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
         f"{timing}, {consistency}, 8-bit PNG {agreement((stack[0] * 255).round() / 255)}",
         flush=True,

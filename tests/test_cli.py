@@ -370,6 +370,10 @@ class _Bar:
     def set_postfix_str(self, s):
         pass
 
+    @staticmethod
+    def write(s, file=None):
+        print(s, file=file)
+
     def __enter__(self):
         return self
 
