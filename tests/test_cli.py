@@ -356,7 +356,13 @@ class _Bar:
     made: list["_Bar"] = []
 
     def __init__(self, iterable=None, total=None, desc=None, disable=False, **kwargs):
-        self.iterable, self.total, self.desc, self.disable, self.n = iterable, total, desc, disable, 0
+        self.iterable, self.total, self.desc, self.disable, self.n = (
+            iterable,
+            total,
+            desc,
+            disable,
+            0,
+        )
         _Bar.made.append(self)
 
     def __iter__(self):

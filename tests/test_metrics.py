@@ -104,3 +104,30 @@ def test_sr_metrics_bundle_and_reset():
     m.reset()
     m.update(hr, hr, lr)
     assert m.compute()["ssim"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_panel_tiles_are_enlarged_by_pixel_replication_under_column_titles():
+    """A 16 x 16 tile becomes 128 x 128 by repeating each pixel 8 x 8 (numpy's kron, an
+    independent nearest enlargement: smoothing would fail), below a 16-pixel strip with
+    dark title text over each column and nowhere else."""
+    from gpsr.panels import to_uint8_grid
+
+    gen = torch.Generator().manual_seed(0)
+    rows = {
+        "LR": torch.rand(2, 3, 16, 16, generator=gen),
+        "gpsr": torch.rand(2, 3, 16, 16, generator=gen),
+    }
+    grid = to_uint8_grid(rows)
+    assert grid.shape == (16 + 2 * (128 + 2) + 2, 2 * (128 + 2) + 2, 3)
+    for j, tile in enumerate(rows.values()):
+        for i in range(2):
+            want = (tile[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            want = np.kron(want, np.ones((8, 8, 1), dtype=np.uint8))
+            top, left = 16 + 2 + i * 130, 2 + j * 130
+            np.testing.assert_array_equal(grid[top : top + 128, left : left + 128], want)
+    header = grid[:16].min(axis=2)
+    for j in range(2):
+        assert (header[:, 2 + j * 130 : 2 + j * 130 + 128] < 100).any()  # a title
+    assert (header[:, 128:134] == 255).all()  # the gap between the two titles stays white
+    plain = to_uint8_grid(rows, titles=False, min_side=16)
+    assert plain.shape == (2 * 18 + 2, 2 * 18 + 2, 3)
