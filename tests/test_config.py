@@ -190,7 +190,7 @@ def test_paper_parameter_counts_through_hydra(tmp_path):
 
 
 def test_demo_flow_has_block_position_and_its_documented_size(tmp_path):
-    """experiment=demo turns the block position on (README, docs/method.md §8: 130,512
+    """experiment=demo turns the block position on (docs/demo_results.md, docs/method.md §8: 130,512
     parameters, 121,872 without); the paper experiment keeps it off (count above)."""
     cfg = compose_cfg(["experiment=demo", "stage=flow"], output_dir=tmp_path)
     flow = instantiate(cfg.stage.module).flow

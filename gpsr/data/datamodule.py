@@ -298,7 +298,7 @@ class GPSRDataModule(L.LightningDataModule):
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         if source == "folder" and not (root or train_root or val_root or test_root):
             raise ConfigError(
-                "data.root is not set: point it at a folder of images (see README 'Data')"
+                "data.root is not set: point it at a folder of images (docs/data.md)"
             )
         self.source, self.root, self.size, self.scale = source, root, size, scale
         self.crop = crop

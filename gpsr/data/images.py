@@ -1,6 +1,6 @@
 """Reading image files into uint8 RGB tensors, with one documented rule per odd input.
 
-Rules (README "Data"):
+Rules (docs/data.md):
 - greyscale (L, I, I;16) is replicated to RGB; 16-bit and 32-bit integer images are scaled to
   8 bits (top byte), never clipped;
 - RGBA / LA / palette images are converted to RGB with the alpha channel dropped;
