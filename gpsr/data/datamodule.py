@@ -297,9 +297,7 @@ class GPSRDataModule(L.LightningDataModule):
             raise ConfigError(f"data.source must be 'demo' or 'folder', got {source!r}")
         ops.check_divisible(size, size, scale, what=f"data.size={size}")
         if source == "folder" and not (root or train_root or val_root or test_root):
-            raise ConfigError(
-                "data.root is not set: point it at a folder of images (docs/data.md)"
-            )
+            raise ConfigError("data.root is not set: point it at a folder of images (docs/data.md)")
         self.source, self.root, self.size, self.scale = source, root, size, scale
         self.crop = crop
         self.roots = {"train": train_root, "val": val_root, "test": test_root}
