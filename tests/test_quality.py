@@ -182,24 +182,6 @@ def _random_alexnet_in_hub_cache(tmp_path, monkeypatch) -> None:
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
 
 
-def test_lpips_loads_weights_from_the_hub_cache_and_agrees_with_the_lpips_package(
-    tmp_path, monkeypatch
-):
-    """The same random backbone, loaded offline by torchmetrics (gpsr) and by the authors'
-    `lpips` package (their linear layers ship with each): the same per-image values."""
-    import lpips
-
-    from gpsr.learned import build_learned
-
-    _random_alexnet_in_hub_cache(tmp_path, monkeypatch)
-    fn = build_learned(["lpips_alex"], torch.device("cpu"))["lpips_alex"]
-    sr, hr = _images(n=3, size=64)
-    with torch.no_grad():
-        reference = lpips.LPIPS(net="alex", verbose=False)(sr * 2 - 1, hr * 2 - 1).flatten()
-    np.testing.assert_allclose(fn(sr, hr).numpy(), reference.double().numpy(), rtol=1e-5)
-    assert fn(hr, hr).abs().max() < 1e-6
-
-
 def _random_vgg16_in_hub_cache(tmp_path, monkeypatch) -> None:
     """Random VGG-16 weights saved as torchvision's file in a fresh TORCH_HOME. LPIPS and
     DISTS use the convolutional features only; the classifier's 120 M entries (which
@@ -221,18 +203,26 @@ def _random_vgg16_in_hub_cache(tmp_path, monkeypatch) -> None:
     torch.save(state, path)
 
 
-def test_lpips_vgg_agrees_with_the_lpips_package_on_the_same_random_backbone(tmp_path, monkeypatch):
-    """The VGG path of LPIPS: its own layer taps and linear weights (an AlexNet-only test
-    would miss a wrong tap or a swapped linear-weight file)."""
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_loads_weights_from_the_hub_cache_and_agrees_with_the_lpips_package(
+    tmp_path, monkeypatch, net
+):
+    """The same random backbone, loaded offline by torchmetrics (gpsr) and by the authors'
+    `lpips` package (their linear layers ship with each): the same per-image values, for
+    AlexNet and for VGG-16 (each with its own layer taps and linear-weight file: a test of
+    one would miss a wrong tap or a swapped file of the other)."""
     import lpips
 
     from gpsr.learned import build_learned
 
-    _random_vgg16_in_hub_cache(tmp_path, monkeypatch)
-    fn = build_learned(["lpips_vgg"], torch.device("cpu"))["lpips_vgg"]
+    if net == "alex":
+        _random_alexnet_in_hub_cache(tmp_path, monkeypatch)
+    else:
+        _random_vgg16_in_hub_cache(tmp_path, monkeypatch)
+    fn = build_learned([f"lpips_{net}"], torch.device("cpu"))[f"lpips_{net}"]
     sr, hr = _images(n=3, size=64)
     with torch.no_grad():
-        reference = lpips.LPIPS(net="vgg", verbose=False)(sr * 2 - 1, hr * 2 - 1).flatten()
+        reference = lpips.LPIPS(net=net, verbose=False)(sr * 2 - 1, hr * 2 - 1).flatten()
     np.testing.assert_allclose(fn(sr, hr).numpy(), reference.double().numpy(), rtol=1e-5)
     assert fn(hr, hr).abs().max() < 1e-6
 
