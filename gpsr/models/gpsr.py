@@ -167,7 +167,7 @@ class GPSR(nn.Module):
         with torch.no_grad():
             coarse, z, _ = self.flow(x)
             zhat = self.stats.normalise(z.float())
-        net = progress.Counted(self.unet if net is None else net)  # each call: one unit
+        net = self.unet if net is None else net
         return self.diffusion.training_loss(CoarseConditioned(net, coarse.float()), zhat)
 
     # ------------------------------------------------------------------ Algorithm 3
@@ -180,10 +180,7 @@ class GPSR(nn.Module):
         when `tiling` asks for it and the latent is larger than one tile; otherwise whole (the
         same module twice), after checking once that its global attention fits in memory."""
         net = progress.Counted(self.unet if net is None else net)  # each call: one unit
-        # Tiles start on the grid the UNet saw in training: whole LR pixels (k latent
-        # pixels) and whole pixels of its deepest level.
-        align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
-        tile = tiling.unet_tile(self.unet, align)
+        align, tile = self._unet_tiling(tiling)
         h, w = coarse.shape[-2:]
         if tile is None or (h <= tile and w <= tile):
             self._check_whole_latent(coarse.shape[0], h, w, coarse.device)
@@ -197,6 +194,13 @@ class GPSR(nn.Module):
             for final in (False, True)
         )
         return steps, last
+
+    def _unet_tiling(self, tiling: Tiling) -> tuple[int, int | None]:
+        """(align, tile) of the UNet's latent tiles: tiles start on the grid the UNet saw in
+        training, whole LR pixels (k latent pixels) and whole pixels of its deepest level;
+        tile None: no tiling."""
+        align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
+        return align, tiling.unet_tile(self.unet, align)
 
     def _check_whole_latent(self, n: int, h: int, w: int, device: torch.device) -> None:
         """Refuse, in one line, a whole-latent UNet call whose global attention cannot fit
@@ -271,8 +275,7 @@ class GPSR(nn.Module):
         if steps == 0 or self.unet is None:
             return 1
         _, h, w = self.flow.latent_shape(lr_height, lr_width)
-        align = math.lcm(self.flow.k, 2 ** (getattr(self.unet, "levels", 1) - 1))
-        tile = tiling.unet_tile(self.unet, align)
+        align, tile = self._unet_tiling(tiling)
         if tile is None or (h <= tile and w <= tile):
             return steps + 1
         th, tw = min(tile, h), min(tile, w)
