@@ -109,6 +109,12 @@ def load_calibration(path: str | Path, ckpt: str | Path, record: dict[str, Any])
     """Read `calibration.json` and check it belongs to this checkpoint and these sampler
     settings (`sampler_record`); one-line errors for a missing, damaged or hand-edited file,
     another checkpoint or other settings."""
+    return check_calibration(read_calibration(path), path, ckpt, record)
+
+
+def read_calibration(path: str | Path) -> dict[str, Any]:
+    """`calibration.json` as written by gpsr.calibrate; one-line errors for a missing,
+    damaged or hand-edited file."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"calibration={path} does not exist")
@@ -125,6 +131,14 @@ def load_calibration(path: str | Path, ckpt: str | Path, record: dict[str, Any])
             f"calibration={path} was changed after gpsr.calibrate wrote it (its seal does not "
             f"match): calibrate again"
         )
+    return cal
+
+
+def check_calibration(
+    cal: dict[str, Any], path: str | Path, ckpt: str | Path, record: dict[str, Any]
+) -> dict[str, Any]:
+    """`cal` (`read_calibration`) if it belongs to this checkpoint and these sampler settings
+    (`sampler_record`), else a one-line error naming what differs."""
     if cal["ckpt_sha256"] != file_sha256(ckpt):
         raise ConfigError(
             f"calibration={path} was made for another checkpoint ({cal['ckpt']}, SHA-256 "
@@ -145,12 +159,18 @@ def load_calibration(path: str | Path, ckpt: str | Path, record: dict[str, Any])
 def calibration_for(cfg: DictConfig, steps: int) -> dict[str, Any] | None:
     """The record of `calibration=` for an entry point's config, checked against the
     checkpoint and the sampler settings (with `steps` the steps actually sampled), or None
-    without one; before any model is loaded or any sampling starts."""
+    without one; before any model is loaded or any sampling starts. `sampler.precision=auto`
+    becomes the calibration's precision (in `cfg`, which the sampler then uses)."""
     if not cfg.get("calibration"):
         return None
     if cfg.sampler.samples < 2:
         raise ConfigError("calibration= needs sampler.samples >= 2 (the interval's samples)")
-    return load_calibration(cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))
+    cal = read_calibration(cfg.calibration)
+    if cfg.sampler.get("precision") == "auto":
+        # Intervals hold for the sampler they were calibrated with: "auto" takes its precision.
+        with open_dict(cfg):
+            cfg.sampler.precision = cal["sampler"].get("precision", "fp32")
+    return check_calibration(cal, cfg.calibration, cfg.ckpt, sampler_record(cfg, steps))
 
 
 def _subset_rows(losses: np.ndarray, widths: np.ndarray, alpha: float, delta: float) -> list:

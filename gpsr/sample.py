@@ -13,7 +13,6 @@ line naming it; the rest go on.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
@@ -196,16 +195,7 @@ def sample_images(cfg: DictConfig) -> int:
     src, out_dir = Path(cfg.input), Path(cfg.output)
     tiling = check_settings(cfg)
     files = list_inputs(src)
-    if cfg.get("calibration") and cfg.sampler.get("precision") == "auto":
-        # Intervals hold for the sampler they were calibrated with: its precision (a file
-        # that cannot be read is refused by calibration_for, in one line).
-        try:
-            made = json.loads(Path(cfg.calibration).read_text())["sampler"].get("precision")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            made = None
-        with open_dict(cfg):
-            cfg.sampler.precision = made if made in ("fp32", "bf16") else "fp32"
-    cal = calibration_for(cfg, cfg.sampler.steps)
+    cal = calibration_for(cfg, cfg.sampler.steps)  # with precision=auto: the calibration's
     lam = cal["lambda"] if cal is not None else None
     plan = plan_outputs(files, out_dir, cfg.sampler.samples, cfg.save_float, lam is not None)
     check_plan(plan, cfg.get("overwrite", False))

@@ -290,3 +290,21 @@ def test_calibrate_command_line(ddpm_ckpt, tmp_path):
     bad = run_cli("calibrate", f"ckpt={ddpm_ckpt}", "risk.alpha=1.5", cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "gpsr: error: risk.alpha must be a number in (0, 1), got 1.5"
+
+
+def test_precision_auto_follows_the_calibration(calibration, ddpm_ckpt, monkeypatch):
+    """A calibration holds for the precision it was made with: `sampler.precision=auto`
+    takes it (fp32 here) even on a CPU where auto would pick bf16, instead of being refused;
+    an explicit other precision is still refused."""
+    from gpsr.calibrate import calibration_for
+    from gpsr.models import gpsr as gpsr_module
+    from gpsr.utils.errors import ConfigError
+
+    monkeypatch.setattr(gpsr_module, "cpu_has_bf16_matrix_units", lambda: True)
+    args = [f"ckpt={ddpm_ckpt}", f"calibration={calibration[0]}", "sampler.samples=2",
+            "sampler.steps=1", "device=cpu"]  # fmt: skip
+    cfg = compose_cfg([*args, "sampler.precision=auto"], name="sample")
+    assert calibration_for(cfg, 1)["lambda"] > 0 and cfg.sampler.precision == "fp32"
+    cfg = compose_cfg([*args, "sampler.precision=bf16"], name="sample")
+    with pytest.raises(ConfigError, match=r"sampler.precision=bf16 \(calibrated: fp32\)"):
+        calibration_for(cfg, 1)
