@@ -227,8 +227,12 @@ def sample_images(cfg: DictConfig) -> int:
 
 
 def say(*args, file=None, flush: bool = True) -> None:
-    """print, through tqdm so that a progress bar on the terminal is not overwritten."""
-    tqdm.write(" ".join(map(str, args)), file=file or sys.stdout)
+    """print, through tqdm so that a progress bar on the terminal is not overwritten; flushed
+    like print(flush=True), so a log that is piped or tailed gets each line as it comes."""
+    out = file or sys.stdout
+    tqdm.write(" ".join(map(str, args)), file=out)
+    if flush:
+        out.flush()
 
 
 def image_work_units(
