@@ -120,8 +120,8 @@ class Setup:
     def sample(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         lr = ops.degrade(x, self.flow.scale)
         if self.device.type == "cpu":
-            # The CPU fast path is the sampler's own (sampler.precision=auto: a bf16 UNet
-            # copy where the CPU has bf16 matrix units), not autocast.
+            # The CPU fast path is the sampler's own (sampler.precision=auto: bf16 copies of
+            # the UNet and the flow's subnets where the CPU has bf16 matrix units), not autocast.
             precision = "auto" if self.mode == "optimized" else "fp32"
             return self.model.sample_signed(lr.contiguous(), steps, precision=precision)
         with self.autocast:

@@ -262,7 +262,7 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         ref_demo = {r["name"]: r for r in demo if r["mode"] == "reference"}
         lines += [
             "",
-            "| trained model, 7+1 NFEs | mode | UNet precision | s / output MP | speed-up | "
+            "| trained model, 7+1 NFEs | mode | precision | s / output MP | speed-up | "
             "consistency (x1e-5) |",
             "|---|---|---|---|---|---|",
         ]

@@ -1,6 +1,7 @@
 """The sampler's precision (`sampler.precision`): fp32 is the paper's algorithm on the model's
-own modules, bit for bit; bf16 runs a bfloat16 copy of the UNet only, close to fp32, and leaves
-the projection's consistency untouched."""
+own modules, bit for bit; bf16 runs bfloat16 copies of the UNet and of the flow's coupling
+subnets (the couplings stay float32), close to fp32, and leaves the projection's consistency
+untouched."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from gpsr.diffusion import GaussianDiffusion, IndexNoise
 from gpsr.metrics import per_image_consistency
 from gpsr.models import gpsr as gpsr_module
 from gpsr.models.conditioning import CoarseConditioned
+from gpsr.models.flow import BF16Subnet
 from gpsr.models.gpsr import GPSR, resolve_precision
 from gpsr.models.stats import LatentStats
 from gpsr.models.unet import BF16UNet, GroupNorm32, UNet
@@ -78,10 +80,45 @@ def test_bf16_sampling_is_close_to_fp32_and_really_bf16():
 
 def test_bf16_copy_follows_new_weights():
     model = _model()
-    before = model.sampling_unet("bf16")
+    before, flow_before = model.sampling_unet("bf16"), model.sampling_flow("bf16")
     with torch.no_grad():
         next(model.unet.parameters()).add_(0.5)
     assert model.sampling_unet("bf16") is not before
+    assert model.sampling_flow("bf16") is flow_before  # the flow did not change
+    with torch.no_grad():
+        model.flow.blocks[-1].update.out.bias.add_(0.5)
+    assert model.sampling_flow("bf16") is not flow_before
+
+
+def test_bf16_decodes_through_bf16_subnets_with_float32_couplings():
+    """bf16 sampling decodes through the flow's bf16 copy: every coupling subnet runs once
+    per block and sample in bfloat16 (NHWC) and hands float32 back to the coupling; fp32
+    sampling never calls it; the model's own flow stays float32. Flow-only sampling (steps
+    0) in bf16 is within the same tolerance of fp32."""
+    model, lr = _model(), _lr()
+    fast = model.sampling_flow("bf16")
+    assert model.sampling_flow("fp32") is model.flow and model.sampling_flow("bf16") is fast
+    subnets = [net for block in fast.blocks for net in (block.predict, block.update)]
+    assert all(isinstance(net, BF16Subnet) and net.channels_last for net in subnets)
+    assert all(p.dtype == torch.bfloat16 for net in subnets for p in net.parameters())
+    assert all(p.dtype == torch.float32 for p in model.flow.parameters())
+    seen = []
+    hooks = [
+        net.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+        for net in subnets
+    ]
+    model.super_resolve(lr, steps=2, seed=0, indices=[0, 1], precision="fp32")
+    assert seen == []
+    model.super_resolve(lr, steps=2, seed=0, indices=[0, 1], precision="bf16")
+    assert seen == [(torch.float32, torch.float32)] * len(subnets)  # one batch of 2 images
+    for h in hooks:
+        h.remove()
+    out = subnets[0](torch.randn(1, subnets[0].net.hidden[0].in_channels, 5, 5))
+    assert out.dtype == torch.float32 and out.is_contiguous()  # NCHW float32 for the coupling
+    a = model.super_resolve(lr, steps=0, seed=0, indices=[0, 1], precision="fp32")
+    b = model.super_resolve(lr, steps=0, seed=0, indices=[0, 1], precision="bf16")
+    diff = (a - b).abs()
+    assert 0 < float(diff.max()) < 0.05 and float(diff.mean()) < 0.01
 
 
 def test_projected_bf16_samples_stay_consistent():

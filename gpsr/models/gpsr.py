@@ -35,7 +35,8 @@ CHANNELS_LAST_MIN_WIDTH = 64
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`sampler.precision` -> "fp32" or "bf16" for the UNet on `device`: "auto" is bf16 on
+    """`sampler.precision` -> "fp32" or "bf16" for the sampler's networks (the UNet and the
+    flow's coupling subnets) on `device`: "auto" is bf16 on
     a CPU with bfloat16 matrix units (`cpu_has_bf16_matrix_units`), fp32 elsewhere (GPUs,
     whose path is unchanged, and CPUs without them, where bf16 does not pay)."""
     if precision not in PRECISIONS:
@@ -78,7 +79,7 @@ class GPSR(nn.Module):
         self.diffusion = diffusion
         self.stats = stats
         self.noise = noise
-        self._bf16_unet: tuple[tuple, nn.Module] | None = None  # (source key, BF16UNet)
+        self._fast: dict[str, tuple[tuple, nn.Module]] = {}  # name -> (source key, bf16 copy)
 
     @classmethod
     def load(
@@ -135,9 +136,8 @@ class GPSR(nn.Module):
             )
 
     def resolve_precision(self, precision: str) -> str:
-        """`resolve_precision` on this model's device (fp32 for a model without a UNet)."""
-        resolved = resolve_precision(precision, self.device)
-        return resolved if self.unet is not None else "fp32"
+        """`resolve_precision` on this model's device."""
+        return resolve_precision(precision, self.device)
 
     def sampling_unet(self, precision: str) -> nn.Module:
         """The UNet the sampler calls: this model's own for "fp32"; for "bf16" a `BF16UNet`
@@ -147,17 +147,30 @@ class GPSR(nn.Module):
 
         if precision == "fp32":
             return self.unet
-        params = list(self.unet.parameters())
+        wide = getattr(self.unet, "model_channels", 0) >= CHANNELS_LAST_MIN_WIDTH
+        return self._cached_copy("unet", lambda: BF16UNet(self.unet, channels_last=wide).eval())
+
+    def sampling_flow(self, precision: str) -> DegradationFlow:
+        """The flow whose inverse decodes the samples: this model's own for "fp32"; for
+        "bf16" its `DegradationFlow.bf16_copy` (bfloat16 NHWC coupling subnets, float32
+        couplings), made once and remade when the flow's weights, device or identity change."""
+        if precision == "fp32":
+            return self.flow
+        return self._cached_copy("flow", lambda: self.flow.bf16_copy(channels_last=True))
+
+    def _cached_copy(self, name: str, make) -> nn.Module:
+        """`make()` once per state of the module `name` (its identity, device and weights:
+        the parameters' data pointers and version counters, which in-place updates bump)."""
+        params = list(getattr(self, name).parameters())
         key = (
-            id(self.unet),
+            id(getattr(self, name)),
             params[0].device,
             params[0].data_ptr(),
             sum(p._version for p in params),
         )
-        if self._bf16_unet is None or self._bf16_unet[0] != key:
-            wide = getattr(self.unet, "model_channels", 0) >= CHANNELS_LAST_MIN_WIDTH
-            self._bf16_unet = (key, BF16UNet(self.unet, channels_last=wide).eval())
-        return self._bf16_unet[1]
+        if self._fast.get(name, (None,))[0] != key:
+            self._fast[name] = (key, make())
+        return self._fast[name][1]
 
     # ------------------------------------------------------------------ Algorithm 2
     def training_loss(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
@@ -231,8 +244,10 @@ class GPSR(nn.Module):
         """GPSR sampling (Algorithm 3): y (N, C, h, w) in [-1, 1] -> x (N, C, s*h, s*w) in
         about [-1, 1], x = G(y, z) (`DegradationFlow.pseudoinverse`).
 
-        `precision` ("fp32", "bf16" or "auto": `resolve_precision`) is the UNet's; the DDIM
-        updates, the latent statistics and the flow inverse stay float32 whatever it is.
+        `precision` ("fp32", "bf16" or "auto": `resolve_precision`) is that of the networks:
+        the UNet (`sampling_unet`) and the flow's coupling subnets (`sampling_flow`); the
+        DDIM updates, the latent statistics and the couplings' affine maps stay float32
+        whatever it is.
 
         `steps` UNet evaluations in the normalised latent space give z; steps = 0 is
         flow-only sampling, z ~ N(0, I) straight into the flow (Remark 3). `noise_fn(shape)`
@@ -261,7 +276,8 @@ class GPSR(nn.Module):
                 final_model=final_model,
             )
             z = self.stats.denormalise(zhat.to(y.dtype))
-        x = self.flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
+        flow = self.sampling_flow(self.resolve_precision(precision))
+        x = flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
         progress.advance()  # the decode: one unit
         return x
 
@@ -380,9 +396,10 @@ class GPSR(nn.Module):
         on overlapping tiles of its training size and the flow inverse on 256 x 256 coarse
         tiles with an exact halo, so memory is bounded by the tile; `Tiling.whole()` runs
         every image in one piece.
-        precision: the UNet's arithmetic, "fp32" (default: bit-identical to earlier
-        releases), "bf16" or "auto" (bf16 on CPUs with bfloat16 matrix units;
-        `resolve_precision`); the flow inverse and the projection stay float32 / float64.
+        precision: the networks' arithmetic (the UNet and the flow's coupling subnets),
+        "fp32" (default: bit-identical to earlier releases), "bf16" or "auto" (bf16 on CPUs
+        with bfloat16 matrix units; `resolve_precision`); the couplings' affine maps, the
+        DDIM updates and the projection stay float32 / float64.
         Returns float in [0, 1]: (N, C, s*h, s*w) for samples=1, else (N, K, C, s*h, s*w). A
         sample that is not finite (damaged or diverged weights) is never returned: it raises
         `NonFiniteOutputError` naming the images.
