@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -257,13 +258,20 @@ def trust_report(ckpt: str, cfg: DictConfig, device: torch.device) -> list[dict[
     return rows
 
 
-def matmul_rows(device: torch.device, n: int = 2048, repeats: int = 5) -> list[dict[str, Any]]:
+def matmul_rows(
+    device: torch.device, n: int = 2048, repeats: int = 20, warm_s: float = 1.0
+) -> list[dict[str, Any]]:
     """The device's own arithmetic limit, measured in the same run: an n^3 matrix product in
-    float32 and in bfloat16 (2 n^3 FLOPs each)."""
+    float32 and in bfloat16 (2 n^3 FLOPs each), the median of `repeats` after `warm_s`
+    seconds of the same product (a CPU's matrix units reach their rate only after a warm-up:
+    one warm-up call measured half the bf16 rate of a second-long warm-up here)."""
     rows = []
     for dtype, mode in ((torch.float32, "reference"), (torch.bfloat16, "optimized")):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
+        start = time.perf_counter()
+        while time.perf_counter() - start < warm_s:
+            a @ b
         seconds = median_seconds(lambda a=a, b=b: a @ b, device, 1, repeats)
         row = _row(f"matmul_{n}", mode, 1, seconds, 2 * n**3, device, device_name(device))
         row["dtype"] = str(dtype).removeprefix("torch.")

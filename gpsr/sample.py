@@ -240,7 +240,9 @@ def image_work_units(
 ) -> int:
     """Units of progress of one LR image in `gpsr.sample`: each sample's UNet calls and
     decode (`GPSR.work_units`), and one for the projection when `sampler.project`."""
-    one = model.work_units(lr_height, lr_width, steps, tiling)
+    one = model.work_units(
+        lr_height, lr_width, steps, tiling, precision=sampler.get("precision", "fp32")
+    )
     return int(sampler.samples) * one + (1 if sampler.project else 0)
 
 

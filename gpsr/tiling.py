@@ -54,6 +54,11 @@ def _setting(value, name: str, zero: bool = False, auto: bool = True, null: bool
     raise ConfigError(f"sampler.{name} must be {words}, got {shown}")
 
 
+AUTO_BATCH = 32  # tiles per UNet call (tile_batch=auto in fp32)
+AUTO_BATCH_PIXELS = AUTO_BATCH * 64 * 64  # latent pixels per call (tile_batch=auto in bf16)
+AUTO_BATCH_MAX = 256  # the largest batch measured (docs/benchmarks.md)
+
+
 @dataclass(frozen=True)
 class Tiling:
     """How a large image is split (settings `sampler.tile`, `tile_overlap`,
@@ -66,7 +71,9 @@ class Tiling:
     final_overlap: the overlap of the last UNet evaluation, whose prediction is the sample's
         latent; "auto" = tile / 2 (twice the tiles for one step of seven: about 16 % more
         time, and the tile borders of the other steps no longer show in the sample).
-    batch: tiles per UNet call.
+    batch: tiles per UNet call; "auto" = `AUTO_BATCH` in fp32 (as before), and in bf16 as
+        many tiles as hold `AUTO_BATCH_PIXELS` latent pixels, between `AUTO_BATCH` and
+        `AUTO_BATCH_MAX` (`unet_batch`).
     flow_tile: coarse-space tile side of the flow inverse; None = the whole image.
     flow_halo: context around each flow tile; "auto" = the flow's receptive radius (exact).
     """
@@ -74,7 +81,7 @@ class Tiling:
     tile: int | str | None = AUTO
     overlap: int | str = AUTO
     final_overlap: int | str = AUTO
-    batch: int = 32
+    batch: int | str = AUTO
     flow_tile: int | None = 256
     flow_halo: int | str = AUTO
 
@@ -82,7 +89,7 @@ class Tiling:
         _setting(self.tile, "tile")
         _setting(self.overlap, "tile_overlap", zero=True, null=False)
         _setting(self.final_overlap, "tile_final_overlap", zero=True, null=False)
-        _setting(self.batch, "tile_batch", auto=False, null=False)
+        _setting(self.batch, "tile_batch", null=False)
         _setting(self.flow_tile, "flow_tile", auto=False)
         _setting(self.flow_halo, "flow_halo", zero=True, null=False)
 
@@ -117,6 +124,20 @@ class Tiling:
                 f"size in the latent)"
             )
         return tile
+
+    def unet_batch(self, tile: int, precision: str = "fp32") -> int:
+        """Tiles of side `tile` per UNet call under the sampler's resolved `precision`
+        ("fp32" or "bf16"). "auto": `AUTO_BATCH` in fp32, so fp32 samples stay bit-identical
+        to those of earlier releases (another batch can round differently); in bf16 about
+        `AUTO_BATCH_PIXELS` latent pixels per call (the pixels of `AUTO_BATCH` tiles of the
+        paper UNet's 64 x 64), at least `AUTO_BATCH` and at most `AUTO_BATCH_MAX` tiles: small
+        tiles in small batches leave a CPU's matrix units idle between calls, while a call
+        never holds more pixels than the paper UNet's default batch."""
+        if self.batch != AUTO:
+            return int(self.batch)
+        if precision == "fp32":
+            return AUTO_BATCH
+        return max(AUTO_BATCH, min(AUTO_BATCH_MAX, AUTO_BATCH_PIXELS // (tile * tile)))
 
     def unet_overlap(self, tile: int, final: bool = False) -> int:
         """Latent overlap between tiles of side `tile` (< tile); `final`: that of the last UNet

@@ -7,8 +7,9 @@ time and memory grow with the image (docs/large_images.md).
    consistency and the seam measure of the tests (gradient across tile borders over the
    gradient at like positions elsewhere), with and without overlap.
 3. `gpsr.sample` (a separate process per size, as a user runs it) on a photo at LR sides
-   64, 128, 256, 512 (and 1024 with LARGE_SIDES): sampling and projection seconds, seconds
-   per output megapixel, peak resident memory, raw and projected consistency.
+   64, 128, 256, 512 (and 1024 with LARGE_SIDES), with `sampler.precision=fp32` and `auto`
+   (LARGE_PRECISIONS): sampling and projection seconds, seconds per output megapixel, peak
+   resident memory, raw and projected consistency.
 4. Raw consistency of the tiled LR 256 sample against sampling the same LR image in
    independent pieces of the training size.
 
@@ -184,13 +185,13 @@ def _photos(side: int) -> torch.Tensor:
     )
 
 
-def run_sample(ckpt: Path, image: Path, out: Path) -> dict:
+def run_sample(ckpt: Path, image: Path, out: Path, precision: str = "auto") -> dict:
     """gpsr.sample in its own process: its printed timings and consistency, and its peak
     RSS (the maximum over this process's children, so call it from a fresh process)."""
     cmd = [
         sys.executable, "-m", "gpsr.sample", f"ckpt={ckpt}", f"input={image}",
         f"output={out}", "sampler.project=true", "overwrite=true",
-        f"hydra.run.dir={out / 'run'}",
+        f"sampler.precision={precision}", f"hydra.run.dir={out / 'run'}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
     t0 = time.perf_counter()
@@ -211,15 +212,16 @@ def run_sample(ckpt: Path, image: Path, out: Path) -> dict:
             "line": line}  # fmt: skip
 
 
-def _sample_in_fresh_parent(ckpt: Path, image: Path, out: Path) -> dict:
+def _sample_in_fresh_parent(ckpt: Path, image: Path, out: Path, precision: str) -> dict:
     """`run_sample` from a fresh parent process, so the children's peak RSS is this run's."""
     code = (
         "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]);"
         "from scripts.demo_large import run_sample;"
-        "print(json.dumps(run_sample(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))))"
+        "print(json.dumps(run_sample(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),"
+        " sys.argv[5])))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(ckpt), str(image), str(out), str(REPO)],
+        [sys.executable, "-c", code, str(ckpt), str(image), str(out), str(REPO), precision],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     if proc.returncode:
@@ -227,28 +229,32 @@ def _sample_in_fresh_parent(ckpt: Path, image: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def scaling(ckpt: Path, out: Path, sides: list[int]) -> list[dict]:
-    """Part 3: one gpsr.sample process per LR side, each measured by a fresh parent;
-    `best_of` repeats each size while its runs have taken under `BEST_OF_S` (up to 3 runs:
-    LR 512 twice, LR 1024 once on 2 cores)."""
+def scaling(ckpt: Path, out: Path, sides: list[int], precisions: list[str]) -> list[dict]:
+    """Part 3: one gpsr.sample process per LR side and `sampler.precision`, each measured by
+    a fresh parent; `best_of` repeats each while its runs have taken under `BEST_OF_S` (up
+    to 3 runs: LR 512 twice, LR 1024 once on 2 cores). The precisions of one side run one
+    after the other, so a slower spell of a shared machine falls on both."""
     photo = Image.fromarray(skimage.data.coffee())
     rows = []
     for side in sides:
         image = out / "inputs" / f"coffee_lr{side}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
         photo.resize((side, side), Image.BICUBIC).save(image)
-        row = best_of(lambda image=image: _sample_in_fresh_parent(ckpt, image, out / "sr"))
-        mp = (side * 4) ** 2 / 1e6
-        row.update(lr=side, hr=side * 4, megapixels=mp)
-        row["sampling_s_per_mp"] = row["sampling_s"] / mp
-        row["projection_s_per_mp"] = row["projection_s"] / mp
-        rows.append(row)
-        print(
-            f"LR {side}: {row['line']} (peak RSS {row['peak_rss_gib']:.2f} GiB; fastest of "
-            f"{row['runs']} runs: sampled in {row['sampling_s']:.3g} s, projected in "
-            f"{row['projection_s']:.3g} s)",
-            flush=True,
-        )
+        for precision in precisions:
+            row = best_of(
+                lambda image=image, p=precision: _sample_in_fresh_parent(ckpt, image, out / "sr", p)
+            )
+            mp = (side * 4) ** 2 / 1e6
+            row.update(lr=side, hr=side * 4, megapixels=mp, precision=precision)
+            row["sampling_s_per_mp"] = row["sampling_s"] / mp
+            row["projection_s_per_mp"] = row["projection_s"] / mp
+            rows.append(row)
+            print(
+                f"LR {side}, precision {precision}: {row['line']} (peak RSS "
+                f"{row['peak_rss_gib']:.2f} GiB; fastest of {row['runs']} runs: sampled in "
+                f"{row['sampling_s']:.3g} s, projected in {row['projection_s']:.3g} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -280,14 +286,17 @@ def markdown(res: dict) -> str:
         "",
         "## `gpsr.sample` as the image grows (4x, 7+1 NFEs, projection on)",
         "",
-        "| LR side | HR side | runs | sampling s | projection s | sampling s/MP "
+        "| LR side | HR side | `sampler.precision` | runs | sampling s | sampling speed-up "
+        "| projection s | sampling s/MP "
         "| projection s/MP | peak RSS GiB | raw consistency | projected consistency |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fp32 = {r["lr"]: r["sampling_s"] for r in res["scaling"] if r["precision"] == "fp32"}
     for r in res["scaling"]:
+        speed = f"{fp32[r['lr']] / r['sampling_s']:.2f}x" if r["lr"] in fp32 else "-"
         lines.append(
-            f"| {r['lr']} | {r['hr']} | {r['runs']} | {r['sampling_s']:.3g} | "
-            f"{r['projection_s']:.3g} | "
+            f"| {r['lr']} | {r['hr']} | {r['precision']} | {r['runs']} | "
+            f"{r['sampling_s']:.3g} | {speed} | {r['projection_s']:.3g} | "
             f"{r['sampling_s_per_mp']:.1f} | {r['projection_s_per_mp']:.1f} | "
             f"{r['peak_rss_gib']:.2f} | {r['raw_consistency']:.3g} | "
             f"{r['projected_consistency']:.3g} |"
@@ -297,7 +306,9 @@ def markdown(res: dict) -> str:
         "",
         "Times: the fastest of `runs` runs of the whole `gpsr.sample` process (each size is "
         f"run again while its runs have taken under {BEST_OF_S:.0f} s, up to 3 times; peak RSS "
-        "is the largest over the runs). "
+        "is the largest over the runs). `auto` resolved to "
+        f"{res['auto_precision']} on this machine (docs/benchmarks.md); the speed-up is over "
+        "fp32 at the same side. "
         "Consistency in units of 1e-5 MSE, as in Table 1; the LR input is the photo "
         "`skimage.data.coffee()` resized to the side given.",
         "",
@@ -358,19 +369,21 @@ def main() -> None:
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt} not found: run `make demo` first")
     sides = [int(s) for s in os.environ.get("LARGE_SIDES", "64,128,256,512").split(",")]
+    precisions = os.environ.get("LARGE_PRECISIONS", "fp32,auto").split(",")
     out.mkdir(parents=True, exist_ok=True)
     model = GPSR.load(ckpt)
     cpu = next(
         (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
         platform.processor(),
     )
-    res = {"ckpt": str(ckpt), "machine": cpu, "threads": torch.get_num_threads()}
+    res = {"ckpt": str(ckpt), "machine": cpu, "threads": torch.get_num_threads(),
+           "auto_precision": model.resolve_precision("auto")}  # fmt: skip
     print("1/4 strips", flush=True)
     res["strips"] = strips(model, out)
     print("2/4 tiled vs whole", flush=True)
     res["tiled_vs_whole"] = tiled_vs_whole(model)
     print("3/4 gpsr.sample as the image grows", flush=True)
-    res["scaling"] = scaling(ckpt, out, sides)
+    res["scaling"] = scaling(ckpt, out, sides, precisions)
     print("4/4 raw consistency: tiled vs pieces of the training size", flush=True)
     res["pieces_vs_tiled"] = pieces_vs_tiled(model)
     (out / "large_images.json").write_text(json.dumps(res, indent=2))

@@ -211,6 +211,33 @@ def test_the_last_step_uses_the_final_overlap(monkeypatch):
     assert seen == [2, 2, 8]
 
 
+def test_auto_tile_batch_is_32_in_fp32_and_a_pixel_budget_in_bf16():
+    """tile_batch=auto: 32 tiles in fp32 (unchanged), in bf16 32 x 64 x 64 latent pixels per
+    call within [32, 256] tiles; a number is used as given."""
+    auto = Tiling()
+    assert [auto.unet_batch(t, "fp32") for t in (8, 16, 64)] == [32, 32, 32]
+    assert [auto.unet_batch(t, "bf16") for t in (8, 16, 32, 64, 128)] == [256, 256, 128, 32, 32]
+    assert Tiling(batch=5).unet_batch(16, "bf16") == 5 and Tiling(batch=5).unet_batch(16) == 5
+    with pytest.raises(ConfigError, match="^sampler.tile_batch must be a positive integer or"):
+        Tiling(batch="many")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sampler_calls_the_unet_in_batches_of_unet_batch(precision):
+    """49 tiles of 16 per step: in fp32 two calls per step (32 + 17 tiles), in bf16 one
+    (the auto batch holds 256); the count equals `GPSR.work_units` (minus the decode)."""
+    flow, unet, diffusion, stats = _small_model()
+    model = GPSR(flow, unet, diffusion, stats)
+    calls = []
+    hook = unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    y = torch.zeros(1, 3, 44, 44)  # latent 88: 7 x 7 tiles of 16 at overlap 4 (and at 8)
+    tiling = Tiling(final_overlap=4)
+    model.sample_signed(y, 2, tiling=tiling, precision=precision)
+    hook.remove()
+    assert calls == ([32, 17, 32, 17] if precision == "fp32" else [49, 49])
+    assert model.work_units(44, 44, 2, tiling, precision=precision) == len(calls) + 1
+
+
 def test_whole_latent_that_cannot_fit_is_refused_in_one_line(monkeypatch):
     flow, unet, diffusion, stats = _small_model()
     monkeypatch.setattr("gpsr.models.gpsr.available_memory", lambda device: 2**20)

@@ -185,7 +185,11 @@ class GPSR(nn.Module):
 
     # ------------------------------------------------------------------ Algorithm 3
     def denoisers(
-        self, coarse: torch.Tensor, tiling: Tiling, net: nn.Module | None = None
+        self,
+        coarse: torch.Tensor,
+        tiling: Tiling,
+        net: nn.Module | None = None,
+        precision: str = "fp32",
     ) -> tuple[nn.Module, nn.Module]:
         """The UNet (or `net`, a faster copy of it: `sampling_unet`) conditioned on coarse
         (N, C, h, w), for every step but the last and for
@@ -201,7 +205,13 @@ class GPSR(nn.Module):
             return whole, whole
         steps, last = (
             CoarseConditioned(
-                TiledDenoiser(net, tile, tiling.unet_overlap(tile, final), tiling.batch, align),
+                TiledDenoiser(
+                    net,
+                    tile,
+                    tiling.unet_overlap(tile, final),
+                    tiling.unet_batch(tile, precision),
+                    align,
+                ),
                 coarse,
             )
             for final in (False, True)
@@ -263,8 +273,9 @@ class GPSR(nn.Module):
         else:
             self._require_diffusion()
             coarse = ops.upsample_nearest(y, self.flow.k)
-            net = self.sampling_unet(self.resolve_precision(precision))
-            model, final_model = self.denoisers(coarse, tiling, net)
+            resolved = self.resolve_precision(precision)
+            net = self.sampling_unet(resolved)
+            model, final_model = self.denoisers(coarse, tiling, net, resolved)
             zhat = self.diffusion.sample(
                 model,
                 shape,
@@ -282,7 +293,13 @@ class GPSR(nn.Module):
         return x
 
     def work_units(
-        self, lr_height: int, lr_width: int, steps: int, tiling: Tiling, images: int = 1
+        self,
+        lr_height: int,
+        lr_width: int,
+        steps: int,
+        tiling: Tiling,
+        images: int = 1,
+        precision: str = "fp32",
     ) -> int:
         """Units of progress (`gpsr.progress`) of one sample of a batch of `images` LR images
         of this size: the UNet calls of `steps` steps (one per batch of `tiling.batch` tiles
@@ -295,11 +312,12 @@ class GPSR(nn.Module):
         if tile is None or (h <= tile and w <= tile):
             return steps + 1
         th, tw = min(tile, h), min(tile, w)
+        batch = tiling.unet_batch(tile, self.resolve_precision(precision))
         calls = 0
         for i in range(steps):
             overlap = tiling.unet_overlap(tile, final=i == steps - 1)
             rows, cols = tile_starts(h, th, overlap, align), tile_starts(w, tw, overlap, align)
-            calls += -(-images * len(rows) * len(cols) // tiling.batch)
+            calls += -(-images * len(rows) * len(cols) // batch)
         return calls + 1
 
     # ------------------------------------------------------------------ noisy LR images
