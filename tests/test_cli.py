@@ -219,17 +219,13 @@ def test_sample_cli_processes_good_files_and_names_bad_ones(tmp_path, ddpm_ckpt)
     "args,message",
     [
         (["stage=gan"], "Could not find 'stage/gan'"),
-        (["data.size=36"], "data.size=36 of size 36x36 is not divisible by the scale 8"),
-        (["stage=ddpm"], "stage=ddpm needs a trained flow: set flow_ckpt="),
-        (
-            ["stage=ddpm", "flow_ckpt=/nonexistent.ckpt"],
-            "checkpoint /nonexistent.ckpt does not exist",
-        ),
-        (["scale=3", "data.size=30"], "flow scale must be an even integer"),
         (["trainer.max_steps=abc"], "trainer.max_steps must be an integer, got 'abc'"),
     ],
 )
 def test_config_errors_are_one_clear_line(tmp_path, args, message):
+    """Two command lines (an error of Hydra's composition, one of gpsr's checks): one line,
+    printed once, no traceback. `test_more_config_errors_are_one_line` checks more of gpsr's
+    own errors in-process, through the same report."""
     proc = run_cli(
         "train", *args, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
     )
@@ -239,14 +235,52 @@ def test_config_errors_are_one_clear_line(tmp_path, args, message):
     assert (proc.stdout + proc.stderr).count(message) == 1  # printed once, not also logged
 
 
+def _reported(entry, cfg):
+    """What an entry point's command line prints for `cfg`'s error: `user_error` of what
+    it raises (the command line's `report_errors` prints exactly that, in one line)."""
+    from gpsr.utils.cli import user_error
+    from gpsr.utils.errors import GPSRError
+
+    with pytest.raises(Exception) as err:
+        entry(cfg)
+    reported = user_error(err.value)
+    assert isinstance(reported, GPSRError), err.value
+    assert "\n" not in str(reported)
+    return str(reported)
+
+
 @pytest.mark.parametrize(
-    "module,args,key",
-    [("evaluate", [], "ckpt"), ("sample", ["ckpt=x.ckpt"], "input"), ("convert", [], "release")],
+    "args,message",
+    [
+        (["data.size=36"], "data.size=36 of size 36x36 is not divisible by the scale 8"),
+        (["stage=ddpm"], "stage=ddpm needs a trained flow: set flow_ckpt="),
+        (
+            ["stage=ddpm", "flow_ckpt=/nonexistent.ckpt"],
+            "checkpoint /nonexistent.ckpt does not exist",
+        ),
+        (["scale=3", "data.size=30"], "flow scale must be an even integer"),
+    ],
 )
-def test_a_missing_required_setting_is_one_line_naming_it(tmp_path, module, args, key):
-    proc = run_cli(module, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+def test_more_config_errors_are_one_line(tmp_path, args, message):
+    from gpsr.train import train
+
+    cfg = compose_cfg([*args, "logger=csv"], output_dir=tmp_path / "run")
+    assert message in _reported(train, cfg)
+
+
+def test_a_missing_required_setting_is_one_line_naming_it(tmp_path):
+    proc = run_cli(
+        "sample", "ckpt=x.ckpt", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"gpsr: error: {key} is required: add {key}=..." in proc.stderr
+    assert "gpsr: error: input is required: add input=..." in proc.stderr
+    # The other entry points in-process, through the same report.
+    from gpsr.convert import convert
+    from gpsr.evaluate import evaluate
+
+    for entry, name, key in ((evaluate, "evaluate", "ckpt"), (convert, "convert", "release")):
+        cfg = compose_cfg([], name=name, output_dir=tmp_path / "run")
+        assert _reported(entry, cfg) == f"{key} is required: add {key}=... to the command line"
 
 
 def test_wrong_checkpoints_are_one_clear_line(tmp_path, flow_ckpt, ddpm_ckpt):
