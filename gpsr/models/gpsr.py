@@ -266,6 +266,7 @@ class GPSR(nn.Module):
         inverse on tiles with a halo (`gpsr.tiling`), so memory is bounded by the tile.
         """
         tiling = tiling or Tiling.whole()
+        resolved = self.resolve_precision(precision)
         draw = noise_fn or (lambda s: torch.randn(s, device=y.device))
         shape = (y.shape[0], *self.flow.latent_shape(*y.shape[-2:]))
         if steps == 0:
@@ -273,7 +274,6 @@ class GPSR(nn.Module):
         else:
             self._require_diffusion()
             coarse = ops.upsample_nearest(y, self.flow.k)
-            resolved = self.resolve_precision(precision)
             net = self.sampling_unet(resolved)
             model, final_model = self.denoisers(coarse, tiling, net, resolved)
             zhat = self.diffusion.sample(
@@ -287,8 +287,9 @@ class GPSR(nn.Module):
                 final_model=final_model,
             )
             z = self.stats.denormalise(zhat.to(y.dtype))
-        flow = self.sampling_flow(self.resolve_precision(precision))
-        x = flow.pseudoinverse(y, z, tiling.flow_tile, tiling.halo(self.flow))
+        x = self.sampling_flow(resolved).pseudoinverse(
+            y, z, tiling.flow_tile, tiling.halo(self.flow)
+        )
         progress.advance()  # the decode: one unit
         return x
 
@@ -302,9 +303,9 @@ class GPSR(nn.Module):
         precision: str = "fp32",
     ) -> int:
         """Units of progress (`gpsr.progress`) of one sample of a batch of `images` LR images
-        of this size: the UNet calls of `steps` steps (one per batch of `tiling.batch` tiles
+        of this size: the UNet calls of `steps` steps (one per batch of `tiling.unet_batch` tiles
         on a latent larger than one tile, as `denoisers` tiles it; else one per step) and one
-        flow decode."""
+        flow decode. `precision`: the sampler's (it sets the automatic tile batch)."""
         if steps == 0 or self.unet is None:
             return 1
         _, h, w = self.flow.latent_shape(lr_height, lr_width)
