@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -16,15 +17,25 @@ from gpsr.utils.device import pick_device, set_cpu_threads
 
 __all__ = ["GPSR", "load_from_config", "sampled_method"]
 
+log = logging.getLogger("gpsr")
+
 
 def load_from_config(cfg: DictConfig) -> GPSR:
     """The model of an entry point's config: `ckpt` (with `noise_ckpt`, `ema`) on
-    `device` (CPU threads set from the usable cores), `sampler.sigma_y` checked against it."""
+    `device` (CPU threads set from the usable cores), `sampler.sigma_y` checked against it;
+    says once the precision the sampler's networks will run in (`sampler.precision`)."""
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
     model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
+    requested = cfg.sampler.get("precision", "fp32")
+    log.info(
+        "Sampling precision: %s (sampler.precision=%s%s)",
+        model.resolve_precision(requested),
+        requested,
+        ": bf16 on CPUs with bfloat16 matrix units, else fp32" if requested == "auto" else "",
+    )
     return model
 
 

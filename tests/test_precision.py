@@ -170,3 +170,25 @@ def test_resolve_precision(monkeypatch):
         resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(ConfigError, match="sampler.precision"):
         _model().super_resolve(_lr(n=1), steps=0, precision="half")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_entry_points_say_the_precision_they_sample_in(ddpm_ckpt, monkeypatch, caplog, amx):
+    """`load_from_config` (gpsr.sample, evaluate, calibrate) says once what `auto` resolved
+    to on this machine, and what an explicit setting is."""
+    import logging
+
+    from gpsr.inference import load_from_config
+    from tests.helpers import compose_cfg
+
+    monkeypatch.setattr(gpsr_module, "cpu_has_bf16_matrix_units", lambda: amx)
+    for name, want in (("sample", "bf16" if amx else "fp32"), ("evaluate", "fp32")):
+        cfg = compose_cfg([f"ckpt={ddpm_ckpt}"] + ["input=x"] * (name == "sample"), name=name)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gpsr"):
+            load_from_config(cfg)
+        said = [r.getMessage() for r in caplog.records if "Sampling precision" in r.getMessage()]
+        requested = "auto" if name == "sample" else "fp32"
+        assert len(said) == 1 and said[0].startswith(
+            f"Sampling precision: {want} (sampler.precision={requested}"
+        ), said
