@@ -83,7 +83,7 @@ def sampler_record(cfg: DictConfig, steps: int) -> dict[str, Any]:
         "project": bool(s.project),
         "ema": bool(cfg.ema),
         "tile": OmegaConf.to_container(s, resolve=True).get("tile"),
-        # The UNet's arithmetic as resolved on this machine (auto -> fp32 or bf16).
+        # The networks' arithmetic as resolved on this machine (auto -> fp32 or bf16).
         "precision": resolve_precision(s.get("precision", "fp32"), pick_device(cfg.device)),
     }
 

@@ -122,7 +122,7 @@ def test_bf16_decodes_through_bf16_subnets_with_float32_couplings():
 
 
 def test_projected_bf16_samples_stay_consistent():
-    """The projection (float64) does not depend on the UNet's precision: projected bf16
+    """The projection (float64) does not depend on the networks' precision: projected bf16
     samples agree with their (reachable) LR images as fp32 ones do, MSE < 1e-9."""
     model = _model()
     lr = ops.degrade(_lr(side=32), 4).clamp(0, 1)
