@@ -10,11 +10,11 @@ from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, IndexNoise
 from gpsr.metrics import per_image_consistency
 from gpsr.models import gpsr as gpsr_module
+from gpsr.models.bf16 import BF16Copy
 from gpsr.models.conditioning import CoarseConditioned
-from gpsr.models.flow import BF16Subnet
 from gpsr.models.gpsr import GPSR, resolve_precision
 from gpsr.models.stats import LatentStats
-from gpsr.models.unet import BF16UNet, GroupNorm32, UNet
+from gpsr.models.unet import GroupNorm32, UNet
 from gpsr.tiling import Tiling
 from gpsr.utils.errors import ConfigError
 from tests.helpers import SMALL_UNET, randomize_, tiny_flow
@@ -67,7 +67,7 @@ def test_bf16_sampling_is_close_to_fp32_and_really_bf16():
     diff = (a - b).abs()
     assert 0 < float(diff.max()) < 0.05 and float(diff.mean()) < 0.01
     fast = model.sampling_unet("bf16")
-    assert isinstance(fast, BF16UNet) and model.sampling_unet("bf16") is fast  # made once
+    assert isinstance(fast, BF16Copy) and model.sampling_unet("bf16") is fast  # made once
     for module in fast.modules():
         for p in module.parameters(recurse=False):
             want = torch.float32 if isinstance(module, torch.nn.GroupNorm) else torch.bfloat16
@@ -99,7 +99,7 @@ def test_bf16_decodes_through_bf16_subnets_with_float32_couplings():
     fast = model.sampling_flow("bf16")
     assert model.sampling_flow("fp32") is model.flow and model.sampling_flow("bf16") is fast
     subnets = [net for block in fast.blocks for net in (block.predict, block.update)]
-    assert all(isinstance(net, BF16Subnet) and net.channels_last for net in subnets)
+    assert all(isinstance(net, BF16Copy) and net.channels_last for net in subnets)
     assert all(p.dtype == torch.bfloat16 for net in subnets for p in net.parameters())
     assert all(p.dtype == torch.float32 for p in model.flow.parameters())
     seen = []

@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpsr import ops
+from gpsr.models.bf16 import BF16Copy
 from gpsr.tiling import tiled_inverse
 from gpsr.utils.errors import ConfigError
 
 __all__ = [
     "DenseBlock",
-    "BF16Subnet",
     "CouplingBlock",
     "DegradationFlow",
     "block_position",
@@ -81,27 +81,6 @@ class DenseBlock(nn.Module):
         for conv in self.hidden:
             feats = torch.cat([feats, self.act(conv(feats))], dim=1)
         return self.out(feats)
-
-
-class BF16Subnet(nn.Module):
-    """A bfloat16 copy of a coupling subnet for sampling: x (N, c_in, h, w) float ->
-    (N, c_out, h, w) float32, contiguous NCHW. The input is cast on the way in (and laid out
-    NHWC when `channels_last`), the output back to float32 on the way out, so the coupling's
-    affine maps, exp and log-det around it stay float32. Inference only: the copy does not
-    follow later changes of the source's weights."""
-
-    def __init__(self, net: nn.Module, channels_last: bool = True):
-        super().__init__()
-        self.net = copy.deepcopy(net).to(torch.bfloat16)
-        self.channels_last = channels_last
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.bfloat16)
-        if self.channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
-        return self.net(h).float().contiguous()
 
 
 class CouplingBlock(nn.Module):
@@ -213,15 +192,15 @@ class DegradationFlow(nn.Module):
                 block.update.compile()
 
     def bf16_copy(self, channels_last: bool = True) -> DegradationFlow:
-        """A copy for sampling whose coupling subnets run in bfloat16 (`BF16Subnet`; NHWC when
+        """A copy for sampling whose coupling subnets run in bfloat16 (`BF16Copy`; NHWC when
         `channels_last`) while the couplings' affine maps, the Haar transform and the
         position channels stay float32: the same split as bf16 autocast on a GPU. It
         differs from this flow by the subnets' bfloat16 rounding (on the demo model's test
         images, samples moved by 0.01 dB PSNR or less; docs/benchmarks.md). Inference only."""
         fast = copy.deepcopy(self)
         for block in fast.blocks:
-            block.predict = BF16Subnet(block.predict, channels_last)
-            block.update = BF16Subnet(block.update, channels_last)
+            block.predict = BF16Copy(block.predict, channels_last)
+            block.update = BF16Copy(block.update, channels_last)
         return fast.eval()
 
     @property

@@ -17,6 +17,7 @@ from torch import nn
 
 from gpsr import ops, progress
 from gpsr.diffusion import GaussianDiffusion, IndexNoise, diagnostic_timesteps
+from gpsr.models.bf16 import BF16Copy
 from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.flow import DegradationFlow
 from gpsr.models.noise import LRNoiseModel
@@ -140,15 +141,13 @@ class GPSR(nn.Module):
         return resolve_precision(precision, self.device)
 
     def sampling_unet(self, precision: str) -> nn.Module:
-        """The UNet the sampler calls: this model's own for "fp32"; for "bf16" a `BF16UNet`
-        copy (NHWC for UNets of at least 64 channels), made once and remade when the UNet's
+        """The UNet the sampler calls: this model's own for "fp32"; for "bf16" a `BF16Copy`
+        (NHWC for UNets of at least 64 channels), made once and remade when the UNet's
         weights, device or identity change."""
-        from gpsr.models.unet import BF16UNet
-
         if precision == "fp32":
             return self.unet
         wide = getattr(self.unet, "model_channels", 0) >= CHANNELS_LAST_MIN_WIDTH
-        return self._cached_copy("unet", lambda: BF16UNet(self.unet, channels_last=wide).eval())
+        return self._cached_copy("unet", lambda: BF16Copy(self.unet, channels_last=wide).eval())
 
     def sampling_flow(self, precision: str) -> DegradationFlow:
         """The flow whose inverse decodes the samples: this model's own for "fp32"; for

@@ -8,7 +8,6 @@ load by name and compute the same function (`gpsr.convert`).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from gpsr.utils.errors import ConfigError
 
-__all__ = ["UNet", "BF16UNet", "timestep_embedding"]
+__all__ = ["UNet", "timestep_embedding"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -38,7 +37,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32) computed in at least float32 whatever the input dtype (safe under bf16
     autocast; float64 stays float64). A bfloat16 input on CPU with float32 parameters (the
-    bf16 sampler's UNet, `BF16UNet`) takes torch's mixed-dtype kernel, which accumulates the
+    bf16 sampler's UNet, `gpsr.models.bf16.BF16Copy`) takes torch's mixed-dtype kernel, which accumulates the
     statistics in float32 and returns bfloat16 without a float32 copy of the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,28 +254,3 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
-
-
-class BF16UNet(nn.Module):
-    """A bfloat16 copy of a UNet for sampling: x (N, C_in, H, W) float, t (N,) ->
-    (N, C_out, H, W) float32. Weights in bfloat16 except the GroupNorms' (float32, so their
-    statistics accumulate in float32), the NHWC layout when `channels_last`; the input is
-    cast on the way in and the output back to float32 on the way out, so callers (the DDIM
-    update, the latent statistics, the flow inverse) stay in float32. Inference only: the
-    copy does not follow later changes of the source's weights."""
-
-    def __init__(self, unet: UNet, channels_last: bool = False):
-        super().__init__()
-        self.net = copy.deepcopy(unet).to(torch.bfloat16)
-        for module in self.net.modules():
-            if isinstance(module, nn.GroupNorm):
-                module.float()
-        self.channels_last = channels_last
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.bfloat16)
-        if self.channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
-        return self.net(h, t).float()
