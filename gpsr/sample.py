@@ -222,17 +222,16 @@ def sample_images(cfg: DictConfig) -> int:
         except GPSRError as err:
             failures += 1
             msg = str(err) if str(path) in str(err) else f"{path}: {err}"
-            say(f"skipped: {msg}", file=sys.stderr, flush=True)
+            say(f"skipped: {msg}", file=sys.stderr)
     return failures
 
 
-def say(*args, file=None, flush: bool = True) -> None:
+def say(line: str, file=None) -> None:
     """print, through tqdm so that a progress bar on the terminal is not overwritten; flushed
     like print(flush=True), so a log that is piped or tailed gets each line as it comes."""
     out = file or sys.stdout
-    tqdm.write(" ".join(map(str, args)), file=out)
-    if flush:
-        out.flush()
+    tqdm.write(line, file=out)
+    out.flush()
 
 
 def image_work_units(
@@ -287,7 +286,7 @@ def process_one(
     sigma = model.noise_level(lr, sigma_y)
     noisy = bool((sigma > 0).any())
     if sigma_y == "auto":
-        say(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}", flush=True)
+        say(f"{path.name}: estimated noise sigma {float(sigma[0]):.4g}")
     units = image_work_units(model, lr.shape[-2], lr.shape[-1], steps, tiling, sampler)
     bar = tqdm(total=units, desc=path.name, unit="call", leave=False, delay=2, disable=not bars)
     t_proj = 0.0
@@ -323,13 +322,11 @@ def process_one(
                 f"{float(short.max()):.3g} MSE above it): no image in [0, 1] may produce this "
                 f"LR image exactly (e.g. a resized or sharpened photo); its closest is written",
                 file=sys.stderr,
-                flush=True,
             )
     write_outputs(stack[0], outs, cfg.save_float, lam)
     say(
         f"{path.name}: {w}x{h} -> {stack.shape[-1]}x{stack.shape[-2]}, {stack.shape[1]} sample(s), "
         f"{timing}, {consistency}, 8-bit PNG {agreement((stack[0] * 255).round() / 255)}",
-        flush=True,
     )
 
 
