@@ -205,34 +205,45 @@ class TiledDenoiser(nn.Module):
         self.align = align
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+        n, c_in, h, w = x.shape
         if h <= self.tile and w <= self.tile:
             return self.model(x, t)
         th, tw = min(self.tile, h), min(self.tile, w)
         ys = tile_starts(h, th, self.overlap, self.align)
         xs = tile_starts(w, tw, self.overlap, self.align)
         # Each tile tapers only towards the tiles that overlap it, never at the image border.
-        wy = {y0: blend_window(th, self.overlap, y0 > 0, y0 + th < h) for y0 in ys}
-        wx = {x0: blend_window(tw, self.overlap, x0 > 0, x0 + tw < w) for x0 in xs}
-        weights = {
-            (y0, x0): (wy[y0][:, None] * wx[x0][None, :]).to(x.device, x.dtype)
-            for y0 in ys
-            for x0 in xs
-        }
-        total = torch.zeros(h, w, dtype=x.dtype, device=x.device)
-        for (y0, x0), weight in weights.items():
-            total[y0 : y0 + th, x0 : x0 + tw] += weight
-        out = None
-        places = [(i, y0, x0) for i in range(n) for y0 in ys for x0 in xs]
+        wy = [blend_window(th, self.overlap, y0 > 0, y0 + th < h) for y0 in ys]
+        wx = [blend_window(tw, self.overlap, x0 > 0, x0 + tw < w) for x0 in xs]
+        weights = torch.stack([(a[:, None] * b[None, :]) for a in wy for b in wx])
+        weights = weights.to(x.device, x.dtype)  # (tiles, th, tw)
+        # pixels[k]: the flat (row-major) positions in one h x w plane of tile k's pixels.
+        rows = torch.tensor(ys, device=x.device)[:, None] + torch.arange(th, device=x.device)
+        cols = torch.tensor(xs, device=x.device)[:, None] + torch.arange(tw, device=x.device)
+        pixels = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(-1, th * tw)
+        total = torch.zeros(h * w, dtype=x.dtype, device=x.device)
+        total.index_add_(0, pixels.flatten(), weights.flatten())
+        places = [(i, k) for i in range(n) for k in range(len(pixels))]
+        flat, out = x.reshape(-1), None
         for start in range(0, len(places), self.batch):
             chunk = places[start : start + self.batch]
-            crops = torch.stack([x[i, :, y0 : y0 + th, x0 : x0 + tw] for i, y0, x0 in chunk])
-            pred = self.model(crops, t[[i for i, _, _ in chunk]])
+            images = torch.tensor([i for i, _ in chunk], device=x.device)
+            tiles = torch.tensor([k for _, k in chunk], device=x.device)
+            crops = flat[_plane_index(images, pixels[tiles], c_in, h * w)]
+            pred = self.model(crops.view(len(chunk), c_in, th, tw), t[images])
             if out is None:
-                out = torch.zeros(n, pred.shape[1], h, w, dtype=pred.dtype, device=x.device)
-            for (i, y0, x0), p in zip(chunk, pred):
-                out[i, :, y0 : y0 + th, x0 : x0 + tw] += p * weights[(y0, x0)].to(p.dtype)
-        return out / total.to(out.dtype)
+                out = torch.zeros(n * pred.shape[1] * h * w, dtype=pred.dtype, device=x.device)
+            # One in-order scatter per call: each output pixel adds its tiles' weighted
+            # predictions in tile order, as a loop over the tiles would (same rounding).
+            index = _plane_index(images, pixels[tiles], pred.shape[1], h * w)
+            out.index_add_(0, index.flatten(), (pred * weights[tiles, None].to(pred.dtype)).flatten())
+        return out.view(n, -1, h, w) / total.view(h, w).to(out.dtype)
+
+
+def _plane_index(images: torch.Tensor, pixels: torch.Tensor, channels: int, plane: int):
+    """Flat indices into an (N, channels, plane) tensor of the pixels (B, P) of images (B,):
+    -> (B, channels, P) int64."""
+    base = images[:, None] * channels + torch.arange(channels, device=pixels.device)
+    return base[:, :, None] * plane + pixels[:, None, :]
 
 
 def tiled_inverse(
