@@ -142,16 +142,20 @@ def test_bf16_on_tiles_matches_bf16_whole_closely():
     assert float((a - b).abs().max()) < 0.05
 
 
-def test_groupnorm_mixed_dtype_matches_float32_statistics():
+@pytest.mark.parametrize("side,channels_last", [(5, False), (5, True), (32, True)])
+def test_groupnorm_mixed_dtype_matches_float32_statistics(side, channels_last):
     """The bf16 path's GroupNorm (bf16 input, float32 weights) against float32 GroupNorm of
     the same bf16 values: equal up to the output's bf16 rounding, per image (two different
-    images in one batch: statistics over the wrong dimension would fail)."""
+    images in one batch: statistics over the wrong dimension would fail), in both layouts
+    (small channels-last maps are normalised from a channels-first copy)."""
     gn = GroupNorm32(4, 16)
     with torch.no_grad():
         gn.weight.normal_()
         gn.bias.normal_()
-    x = torch.randn(2, 16, 5, 5) * torch.tensor([1.0, 3.0])[:, None, None, None] + 2
+    x = torch.randn(2, 16, side, side) * torch.tensor([1.0, 3.0])[:, None, None, None] + 2
     xb = x.bfloat16()
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
     out = gn(xb)
     assert out.dtype == torch.bfloat16
     ref = torch.nn.functional.group_norm(xb.float(), 4, gn.weight, gn.bias, gn.eps)

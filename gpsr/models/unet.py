@@ -34,11 +34,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+# Feature maps with fewer pixels than this are group-normalised from a channels-first copy
+# when they arrive channels-last (bf16 sampler on CPU): torch's channels-last CPU kernel was
+# 4 to 30 times slower than copy + channels-first kernel below 32 x 32 pixels, and faster at
+# 32 x 32 and above (docs/benchmarks.md).
+NHWC_NORM_MIN_PIXELS = 1024
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32) computed in at least float32 whatever the input dtype (safe under bf16
-    autocast; float64 stays float64). A bfloat16 input on CPU with float32 parameters (the
-    bf16 sampler's UNet, `gpsr.models.bf16.BF16Copy`) takes torch's mixed-dtype kernel, which accumulates the
-    statistics in float32 and returns bfloat16 without a float32 copy of the input."""
+    autocast; float64 stays float64): x (N, C, H, W) -> the same shape and dtype.
+
+    A bfloat16 input on CPU with float32 parameters (the bf16 sampler's UNet,
+    `gpsr.models.bf16.BF16Copy`) takes torch's mixed-dtype kernel, which accumulates the
+    statistics in float32 and returns bfloat16 without a float32 copy of the input; a
+    channels-last one smaller than `NHWC_NORM_MIN_PIXELS` pixels is normalised channels-first
+    (the same kernel on a contiguous copy) and returned channels-first."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -46,6 +57,8 @@ class GroupNorm32(nn.GroupNorm):
             and x.device.type == "cpu"
             and self.weight.dtype == torch.float32
         ):
+            if x.shape[-2] * x.shape[-1] < NHWC_NORM_MIN_PIXELS:
+                x = x.contiguous()
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
