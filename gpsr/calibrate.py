@@ -30,6 +30,7 @@ from tqdm import tqdm
 from gpsr import ops, progress
 from gpsr.configs import register as register_schemas
 from gpsr.inference import load_from_config, sampled_method
+from gpsr.models.bf16 import BF16_REVISION
 from gpsr.models.gpsr import resolve_precision
 from gpsr.uncertainty import (
     LAMBDA_GRID,
@@ -72,9 +73,10 @@ def file_sha256(path: str | Path) -> str:
 
 def sampler_record(cfg: DictConfig, steps: int) -> dict[str, Any]:
     """The settings that change the samples, and so what a calibration is worth: K, steps,
-    eta, spacing, sigma_y, projection, EMA weights, seed-independent tiling."""
+    eta, spacing, sigma_y, projection, EMA weights, seed-independent tiling, the networks'
+    precision and, for bf16, the revision of its arithmetic (`BF16_REVISION`)."""
     s = cfg.sampler
-    return {
+    record = {
         "samples": int(s.samples),
         "steps": int(steps),
         "eta": float(s.eta),
@@ -83,9 +85,13 @@ def sampler_record(cfg: DictConfig, steps: int) -> dict[str, Any]:
         "project": bool(s.project),
         "ema": bool(cfg.ema),
         "tile": OmegaConf.to_container(s, resolve=True).get("tile"),
-        # The networks' arithmetic as resolved on this machine (auto -> fp32 or bf16).
-        "precision": resolve_precision(s.get("precision", "fp32"), pick_device(cfg.device)),
     }
+    # The networks' arithmetic as resolved on this machine (auto -> fp32 or bf16), and for
+    # bf16 the revision of its arithmetic (fp32 samples never change between releases).
+    record["precision"] = resolve_precision(s.get("precision", "fp32"), pick_device(cfg.device))
+    if record["precision"] == "bf16":
+        record["bf16_revision"] = BF16_REVISION
+    return record
 
 
 def _seal(record: dict[str, Any]) -> str:
@@ -144,9 +150,12 @@ def check_calibration(
             f"calibration={path} was made for another checkpoint ({cal['ckpt']}, SHA-256 "
             f"{cal['ckpt_sha256'][:12]}...), not {ckpt}: calibrate this one"
         )
-    name = lambda k: k if k == "ema" else f"sampler.{k}"  # noqa: E731
+    names = {"ema": "ema=", "bf16_revision": "bf16 arithmetic revision "}
+    name = lambda k: names.get(k, f"sampler.{k}=")  # noqa: E731
     made = {"precision": "fp32", **cal["sampler"]}  # files older than sampler.precision
-    diff = [f"{name(k)}={record[k]} (calibrated: {made.get(k)})" for k in record
+    if made["precision"] == "bf16":
+        made.setdefault("bf16_revision", "an earlier one")  # files older than the revision
+    diff = [f"{name(k)}{record[k]} (calibrated: {made.get(k)})" for k in record
             if made.get(k) != record[k]]  # fmt: skip
     if diff:
         raise ConfigError(

@@ -210,6 +210,43 @@ def test_a_calibration_of_another_checkpoint_or_edited_by_hand_is_refused(
         load_calibration(tmp_path / "junk.json", ddpm_ckpt, record)
 
 
+@pytest.mark.parametrize("made", [None, "older", "current"])
+def test_a_bf16_calibration_holds_only_for_its_bf16_arithmetic(
+    calibration, ddpm_ckpt, tmp_path, made
+):
+    """bf16 samples change when the bf16 arithmetic does (fp32's never do), so a bf16
+    calibration records `BF16_REVISION`: one of an earlier revision, or from before the
+    revision was recorded, is refused in one line; one of the current revision is used."""
+    from gpsr.calibrate import _seal, load_calibration, sampler_record
+    from gpsr.models.bf16 import BF16_REVISION
+    from gpsr.utils.errors import ConfigError
+
+    cfg = compose_cfg(
+        [f"ckpt={ddpm_ckpt}", "sampler.samples=2", "sampler.steps=1", "sampler.precision=bf16"],
+        name="evaluate",
+    )
+    record = sampler_record(cfg, 1)
+    assert record["precision"] == "bf16" and record["bf16_revision"] == BF16_REVISION
+    cal = json.loads(calibration[0].read_text())
+    assert "bf16_revision" not in cal["sampler"]  # an fp32 calibration records none
+    cal["sampler"]["precision"] = "bf16"
+    if made is not None:
+        cal["sampler"]["bf16_revision"] = BF16_REVISION - (made == "older")
+    cal["seal"] = _seal(cal)
+    path = tmp_path / "bf16.json"
+    path.write_text(json.dumps(cal))
+    if made == "current":
+        assert load_calibration(path, ddpm_ckpt, record)["lambda"] > 0
+        return
+    was = "an earlier one" if made is None else BF16_REVISION - 1
+    with pytest.raises(ConfigError) as err:
+        load_calibration(path, ddpm_ckpt, record)
+    assert str(err.value) == (
+        f"calibration={path} was made with other sampler settings: bf16 arithmetic revision "
+        f"{BF16_REVISION} (calibrated: {was}); use those or calibrate again"
+    )
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [

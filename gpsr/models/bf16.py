@@ -8,7 +8,13 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["BF16Copy"]
+__all__ = ["BF16Copy", "BF16_REVISION"]
+
+# The bf16 sampler's arithmetic changes from release to release (fp32's never does: it is
+# kept bit-identical), so `gpsr.calibrate` records this revision with a bf16 calibration and
+# a calibration of another revision is refused. 1: the UNet in bf16; 2: also the flow's
+# coupling subnets; 3: GroupNorm of small channels-last maps from a channels-first copy.
+BF16_REVISION = 3
 
 
 class BF16Copy(nn.Module):
