@@ -60,7 +60,8 @@ def test_fp32_is_algorithm_3_on_the_models_own_modules_bit_for_bit():
 def test_bf16_sampling_is_close_to_fp32_and_really_bf16():
     """bf16 differs from fp32 (it did run in bf16) by at most 0.05 per pixel and 0.01 on
     average on [0, 1] images (bfloat16 keeps 8 bits of mantissa; over 3 steps of this random
-    UNet the documented tolerance); its UNet copy holds bf16 weights except the norms'."""
+    UNet the documented tolerance); its UNet copy holds bf16 weights except the norms' and
+    the timestep embedding's linear layers'."""
     model, lr = _model(), _lr()
     a = model.super_resolve(lr, steps=3, seed=0, indices=[0, 1], precision="fp32")
     b = model.super_resolve(lr, steps=3, seed=0, indices=[0, 1], precision="bf16")
@@ -70,7 +71,8 @@ def test_bf16_sampling_is_close_to_fp32_and_really_bf16():
     assert isinstance(fast, BF16Copy) and model.sampling_unet("bf16") is fast  # made once
     for module in fast.modules():
         for p in module.parameters(recurse=False):
-            want = torch.float32 if isinstance(module, torch.nn.GroupNorm) else torch.bfloat16
+            fp32 = isinstance(module, (torch.nn.GroupNorm, torch.nn.Linear))
+            want = torch.float32 if fp32 else torch.bfloat16
             assert p.dtype == want
     # The source model is untouched: still float32, and fp32 sampling gives the same again.
     assert all(p.dtype == torch.float32 for p in model.unet.parameters())

@@ -13,7 +13,8 @@ __all__ = ["BF16Copy", "BF16_REVISION"]
 # The bf16 sampler's arithmetic changes from release to release (fp32's never does: it is
 # kept bit-identical), so `gpsr.calibrate` records this revision with a bf16 calibration and
 # a calibration of another revision is refused. 1: the UNet in bf16; 2: also the flow's
-# coupling subnets; 3: GroupNorm of small channels-last maps from a channels-first copy.
+# coupling subnets; 3: GroupNorm of small channels-last maps from a channels-first copy, and
+# the UNet's timestep embedding in float32.
 BF16_REVISION = 3
 
 
@@ -22,7 +23,9 @@ class BF16Copy(nn.Module):
     arguments (the UNet's timesteps t (N,)) -> (N, C_out, H, W) float32, contiguous NCHW.
 
     Weights in bfloat16 except the GroupNorms' (float32, so their statistics accumulate in
-    float32: `GroupNorm32`'s mixed-dtype path), the NHWC layout when `channels_last`; x is
+    float32: `GroupNorm32`'s mixed-dtype path) and the linear layers' (the UNet's timestep
+    embedding, a few rows per call: float32 took a third to a half of bfloat16's time on
+    such products here), the NHWC layout when `channels_last`; x is
     cast on the way in and the output back to float32 on the way out, so what surrounds the
     network (the DDIM update, the latent statistics, the couplings' affine maps) stays
     float32. Inference only: the copy does not follow later changes of the source's weights.
@@ -32,7 +35,7 @@ class BF16Copy(nn.Module):
         super().__init__()
         self.net = copy.deepcopy(net).to(torch.bfloat16)
         for module in self.net.modules():
-            if isinstance(module, nn.GroupNorm):
+            if isinstance(module, (nn.GroupNorm, nn.Linear)):
                 module.float()
         self.channels_last = channels_last
         if channels_last:

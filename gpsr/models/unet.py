@@ -257,7 +257,9 @@ class UNet(nn.Module):
         div = 2 ** (self.levels - 1)
         if x.shape[-1] % div or x.shape[-2] % div:
             raise ConfigError(f"UNet input {tuple(x.shape)}: H and W must be divisible by {div}")
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        # The embedding takes the dtype of its own layers (float32 in a bf16 `BF16Copy`).
+        emb = timestep_embedding(t, self.model_channels)
+        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))
         hs = []
         h = x
         for block in self.input_blocks:
