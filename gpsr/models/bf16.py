@@ -10,7 +10,7 @@ from torch import nn
 
 __all__ = ["BF16Copy", "BF16_REVISION"]
 
-# The bf16 sampler's arithmetic changes from release to release (fp32's never does: it is
+# The bf16 sampler's arithmetic may change from release to release (fp32's does not: it is
 # kept bit-identical), so `gpsr.calibrate` records this revision with a bf16 calibration and
 # a calibration of another revision is refused. 1: the UNet in bf16; 2: also the flow's
 # coupling subnets; 3: GroupNorm of small channels-last maps from a channels-first copy, and
