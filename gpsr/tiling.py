@@ -232,11 +232,24 @@ class TiledDenoiser(nn.Module):
             pred = self.model(crops.view(len(chunk), c_in, th, tw), t[images])
             if out is None:
                 out = torch.zeros(n * pred.shape[1] * h * w, dtype=pred.dtype, device=x.device)
-            # One in-order scatter per call: each output pixel adds its tiles' weighted
-            # predictions in tile order, as a loop over the tiles would (same rounding).
             index = _plane_index(images, pixels[tiles], pred.shape[1], h * w)
-            out.index_add_(0, index.flatten(), (pred * weights[tiles, None].to(pred.dtype)).flatten())
+            _add_in_order(out, index, pred * weights[tiles, None].to(pred.dtype))
         return out.view(n, -1, h, w) / total.view(h, w).to(out.dtype)
+
+
+def _add_in_order(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """out[index[j]] += values[j] for j = 0, 1, ... in that order: each output pixel adds its
+    tiles' weighted predictions in tile order, as a loop over the tiles would (the same
+    rounding, run after run). out (M,) flat; index (B, ...) int64; values like index.
+
+    On a CPU one `index_add_` does it (serial, in order, for a 1-D tensor); on a GPU an
+    `index_add_` with repeated indices adds in any order, so there each tile (whose own
+    indices never repeat) is added in turn."""
+    if out.device.type == "cpu":
+        out.index_add_(0, index.flatten(), values.flatten())
+        return
+    for tile_index, tile_values in zip(index, values):
+        out.index_add_(0, tile_index.flatten(), tile_values.flatten())
 
 
 def _plane_index(images: torch.Tensor, pixels: torch.Tensor, channels: int, plane: int):

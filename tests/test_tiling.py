@@ -82,19 +82,19 @@ def _blend_by_loop(model, x, t, tile, overlap, batch, align):
         (y0, x0): (
             blend_window(tile, overlap, y0 > 0, y0 + tile < h)[:, None]
             * blend_window(tile, overlap, x0 > 0, x0 + tile < w)[None, :]
-        ).to(x.dtype)
+        ).to(x.device, x.dtype)
         for y0 in ys
         for x0 in xs
     }
     places = [(i, y0, x0) for i in range(n) for y0 in ys for x0 in xs]
-    out, total = None, torch.zeros(h, w, dtype=x.dtype)
+    out, total = None, torch.zeros(h, w, dtype=x.dtype, device=x.device)
     for y0, x0 in weight:
         total[y0 : y0 + tile, x0 : x0 + tile] += weight[(y0, x0)]
     for start in range(0, len(places), batch):
         chunk = places[start : start + batch]
         crops = torch.stack([x[i, :, y : y + tile, c : c + tile] for i, y, c in chunk])
         pred = model(crops, t[[i for i, _, _ in chunk]])
-        out = torch.zeros(n, pred.shape[1], h, w, dtype=x.dtype) if out is None else out
+        out = x.new_zeros(n, pred.shape[1], h, w) if out is None else out
         for (i, y, c), p in zip(chunk, pred):
             out[i, :, y : y + tile, c : c + tile] += p * weight[(y, c)]
     return out / total
