@@ -212,10 +212,10 @@ class TiledDenoiser(nn.Module):
         ys = tile_starts(h, th, self.overlap, self.align)
         xs = tile_starts(w, tw, self.overlap, self.align)
         # Each tile tapers only towards the tiles that overlap it, never at the image border.
-        wy = [blend_window(th, self.overlap, y0 > 0, y0 + th < h) for y0 in ys]
-        wx = [blend_window(tw, self.overlap, x0 > 0, x0 + tw < w) for x0 in xs]
-        weights = torch.stack([(a[:, None] * b[None, :]) for a in wy for b in wx])
-        weights = weights.to(x.device, x.dtype)  # (tiles, th, tw)
+        wy = torch.stack([blend_window(th, self.overlap, y0 > 0, y0 + th < h) for y0 in ys])
+        wx = torch.stack([blend_window(tw, self.overlap, x0 > 0, x0 + tw < w) for x0 in xs])
+        weights = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(-1, th, tw)
+        weights = weights.to(x.device, x.dtype)  # (tiles, th, tw), tiles row by row
         # pixels[k]: the flat (row-major) positions in one h x w plane of tile k's pixels.
         rows = torch.tensor(ys, device=x.device)[:, None] + torch.arange(th, device=x.device)
         cols = torch.tensor(xs, device=x.device)[:, None] + torch.arange(tw, device=x.device)
