@@ -36,7 +36,7 @@ from gpsr.models.stats import LatentStats
 from gpsr.models.unet import UNet
 from gpsr.report import benchmark_markdown
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
-from gpsr.utils.device import device_name, pick_device, set_cpu_threads
+from gpsr.utils.device import device_name, keep_freed_memory, pick_device, set_cpu_threads
 from gpsr.utils.speed import set_tf32
 from gpsr.utils.timing import count_flops, median_seconds
 
@@ -322,6 +322,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
+        keep_freed_memory()  # as the sampling entry points do (training rows run with it too)
     flops = _flop_counts(cfg, device)
     rows = []
     for mode in MODES:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from gpsr.models.gpsr import GPSR
 from gpsr.tiling import Tiling
-from gpsr.utils.device import pick_device, set_cpu_threads
+from gpsr.utils.device import keep_freed_memory, pick_device, set_cpu_threads
 
 __all__ = ["GPSR", "load_from_config", "sampled_method"]
 
@@ -22,11 +22,13 @@ log = logging.getLogger("gpsr")
 
 def load_from_config(cfg: DictConfig) -> GPSR:
     """The model of an entry point's config: `ckpt` (with `noise_ckpt`, `ema`) on
-    `device` (CPU threads set from the usable cores), `sampler.sigma_y` checked against it;
+    `device` (on a CPU: threads set from the usable cores, freed memory kept for reuse,
+    `keep_freed_memory`), `sampler.sigma_y` checked against it;
     says once the precision the sampler's networks will run in (`sampler.precision`)."""
     device = pick_device(cfg.device)
     if device.type == "cpu":
         set_cpu_threads()
+        keep_freed_memory()
     model = GPSR.load(cfg.ckpt, device=device, ema=cfg.ema, noise_ckpt=cfg.get("noise_ckpt"))
     model.check_sigma_y(cfg.sampler.get("sigma_y", 0.0))
     requested = cfg.sampler.get("precision", "fp32")

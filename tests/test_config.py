@@ -329,3 +329,38 @@ def test_cpu_threads_follow_the_affinity_mask_omp_and_the_processes(monkeypatch)
         assert device.set_cpu_threads() == 5 and torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(before)
+
+
+_FAULTS = """
+import resource, sys, torch
+from gpsr.utils.device import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else "default"
+for _ in range(10):  # 64 MiB, allocated, touched and freed before counting (glibc settles
+    torch.empty(2**24).fill_(1.0)  # its aligned blocks within a few rounds)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(2**24).fill_(1.0)
+print(kept is not None, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def test_keep_freed_memory_stops_faulting_large_blocks_in_again():
+    """Counted by the kernel (minor page faults, each process on its own): by default a
+    64 MiB tensor allocated, filled and freed over and over is faulted in afresh each time
+    (16,384 pages of 4 KiB); after `keep_freed_memory` it reuses the same pages (after a
+    few rounds)."""
+    import subprocess
+    import sys
+
+    def faults(mode):
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True
+        )
+        ok, count = run.stdout.split()
+        return ok == "True", float(count)
+
+    supported, kept = faults("keep")
+    if not supported:
+        pytest.skip("no glibc mallopt on this system")
+    _, default = faults("default")
+    assert default > 10_000 and kept < 100, (default, kept)
