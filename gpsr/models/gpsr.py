@@ -31,7 +31,7 @@ __all__ = ["GPSR", "PRECISIONS", "cpu_has_bf16_matrix_units", "resolve_precision
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # UNets at least this wide run bf16 in NHWC; narrower ones (the demo's 32 channels on 16 x 16
-# tiles) were slower in NHWC than in NCHW on the CPU measured (docs/benchmarks.md).
+# tiles) gained nothing from NHWC on the CPU measured (docs/benchmarks.md), so stay NCHW.
 CHANNELS_LAST_MIN_WIDTH = 64
 
 
