@@ -228,11 +228,12 @@ class TiledDenoiser(nn.Module):
             chunk = places[start : start + self.batch]
             images = torch.tensor([i for i, _ in chunk], device=x.device)
             tiles = torch.tensor([k for _, k in chunk], device=x.device)
-            crops = flat[_plane_index(images, pixels[tiles], c_in, h * w)]
+            where = pixels[tiles]  # (B, th * tw)
+            crops = flat[_plane_index(images, where, c_in, h * w)]
             pred = self.model(crops.view(len(chunk), c_in, th, tw), t[images])
             if out is None:
                 out = torch.zeros(n * pred.shape[1] * h * w, dtype=pred.dtype, device=x.device)
-            index = _plane_index(images, pixels[tiles], pred.shape[1], h * w)
+            index = _plane_index(images, where, pred.shape[1], h * w)
             _add_in_order(out, index, pred * weights[tiles, None].to(pred.dtype))
         return out.view(n, -1, h, w) / total.view(h, w).to(out.dtype)
 
@@ -252,7 +253,9 @@ def _add_in_order(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) 
         out.index_add_(0, tile_index.flatten(), tile_values.flatten())
 
 
-def _plane_index(images: torch.Tensor, pixels: torch.Tensor, channels: int, plane: int):
+def _plane_index(
+    images: torch.Tensor, pixels: torch.Tensor, channels: int, plane: int
+) -> torch.Tensor:
     """Flat indices into an (N, channels, plane) tensor of the pixels (B, P) of images (B,):
     -> (B, channels, P) int64."""
     base = images[:, None] * channels + torch.arange(channels, device=pixels.device)
