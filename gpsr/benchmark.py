@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -38,13 +39,15 @@ from gpsr.report import benchmark_markdown
 from gpsr.utils.cli import CONFIG_DIR, check_output_dir, preflight, report_errors
 from gpsr.utils.device import device_name, keep_freed_memory, pick_device, set_cpu_threads
 from gpsr.utils.speed import set_tf32
-from gpsr.utils.timing import count_flops, median_seconds
+from gpsr.utils.timing import count_flops, interleaved_seconds, median_seconds, paired_ratios
 
 log = logging.getLogger("gpsr.benchmark")
 
 __all__ = ["run_benchmark", "main"]
 
 MODES = ("reference", "optimized")
+# Rows whose two modes are timed in interleaved rounds on a CPU (`_measure_pair`).
+PAIRED = ("sample_7", "sample_100")
 
 
 def stage_training(stage: str) -> tuple[Any, float | None]:
@@ -151,20 +154,24 @@ def _row(
     }
 
 
-def _measure(setup: Setup, name: str, batch: int, cfg: DictConfig, flop_fn=None) -> dict[str, Any]:
-    dev = setup.device
-    x = setup.images(batch, cfg.size)
-    ops_ = {
+def _operation(setup: Setup, name: str, batch: int, size: int) -> Callable[[], Any]:
+    """The measured operation `name` of `setup` on a fixed input of `batch` images."""
+    x = setup.images(batch, size)
+    return {
         "flow_train": lambda: setup.flow_train(x),
         "ddpm_train": lambda: setup.ddpm_train(x),
         "flow_inverse": lambda: setup.flow_inverse(x),
         "sample_7": lambda: setup.sample(x, 7),
         "sample_100": lambda: setup.sample(x, 100),
-    }
+    }[name]
+
+
+def _measure(setup: Setup, name: str, batch: int, cfg: DictConfig, flop_fn=None) -> dict[str, Any]:
+    dev = setup.device
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    seconds = median_seconds(ops_[name], dev, cfg.warmup, cfg.repeats)
+    seconds = median_seconds(_operation(setup, name, batch, cfg.size), dev, cfg.warmup, cfg.repeats)
     return _row(
         name,
         setup.mode,
@@ -174,6 +181,25 @@ def _measure(setup: Setup, name: str, batch: int, cfg: DictConfig, flop_fn=None)
         dev,
         device_name(dev),
     )
+
+
+def _measure_pair(
+    setups: dict[str, Setup], name: str, batch: int, cfg: DictConfig, flop_fn=None
+) -> list[dict[str, Any]]:
+    """Both modes' rows of `name`, timed in `cfg.repeats` interleaved rounds
+    (`interleaved_seconds`): each row's seconds are its median; the optimized row also
+    carries each round's speed-up (`speedup_rounds`) and their median (`speedup`)."""
+    dev = next(iter(setups.values())).device
+    fns = {mode: _operation(setups[mode], name, batch, cfg.size) for mode in MODES}
+    seconds = interleaved_seconds(fns, dev, cfg.warmup, cfg.repeats)
+    flops = flop_fn(batch) if flop_fn else None
+    rows = [
+        _row(name, mode, batch, statistics.median(seconds[mode]), flops, dev, device_name(dev))
+        for mode in MODES
+    ]
+    ratios = paired_ratios(seconds["reference"], seconds["optimized"])
+    rows[1].update(speedup=statistics.median(ratios), speedup_rounds=ratios)
+    return rows
 
 
 def _flop_counts(cfg: DictConfig, device: torch.device) -> dict[str, Callable[[int], int]]:
@@ -280,39 +306,48 @@ def matmul_rows(
 
 
 @torch.no_grad()
-def demo_rows(ckpt: str, sides: list[int], device: torch.device) -> list[dict[str, Any]]:
+def demo_rows(
+    ckpt: str, sides: list[int], device: torch.device, rounds: int = 3
+) -> list[dict[str, Any]]:
     """A trained model's `super_resolve` (7+1 NFEs, tiled as gpsr.sample tiles) per output
     megapixel at each LR side, sampler.precision fp32 ("reference") and auto ("optimized"),
-    with the PSNR-free check that matters across precisions: each sample's consistency."""
+    timed in `rounds` interleaved rounds after one call of each (`interleaved_seconds`; the
+    optimized row carries each round's speed-up and their median), with the PSNR-free check
+    that matters across precisions: each sample's consistency."""
     from gpsr.metrics import CONSISTENCY_UNIT, per_image_consistency
     from gpsr.tiling import Tiling
 
     model = GPSR.load(ckpt, device=device)
+    precisions = {"reference": "fp32", "optimized": "auto"}
     rows = []
     for side in sides:
         lr = torch.rand(
             1, model.flow.channels, side, side, generator=torch.Generator().manual_seed(0)
         )
         lr = lr.to(device)
-        for mode, precision in (("reference", "fp32"), ("optimized", "auto")):
-
-            def run(lr=lr, precision=precision):
-                return model.super_resolve(
-                    lr, steps=7, seed=0, indices=[0], tiling=Tiling(), precision=precision
-                )
-
-            sr = run()
-            seconds = median_seconds(run, device, 0, 2)
+        runs = {
+            mode: lambda lr=lr, precision=precision: model.super_resolve(
+                lr, steps=7, seed=0, indices=[0], tiling=Tiling(), precision=precision
+            )
+            for mode, precision in precisions.items()
+        }
+        samples = {mode: run() for mode, run in runs.items()}  # also the warm-up
+        seconds = interleaved_seconds(runs, device, 0, rounds)
+        for mode, sr in samples.items():
+            median = statistics.median(seconds[mode])
             megapixels = sr.shape[-1] * sr.shape[-2] / 1e6
             row = _row(
-                f"demo_sample_7_lr{side}", mode, 1, seconds, None, device, device_name(device)
+                f"demo_sample_7_lr{side}", mode, 1, median, None, device, device_name(device)
             )
             row.update(
-                precision=model.resolve_precision(precision),
-                seconds_per_mp=seconds / megapixels,
+                precision=model.resolve_precision(precisions[mode]),
+                seconds_per_mp=median / megapixels,
                 consistency_x1e5=float(per_image_consistency(sr, lr, model.scale).mean())
                 / CONSISTENCY_UNIT,
             )
+            if mode == "optimized":
+                ratios = paired_ratios(seconds["reference"], seconds["optimized"])
+                row.update(speedup=statistics.median(ratios), speedup_rounds=ratios)
             rows.append(row)
     return rows
 
@@ -325,9 +360,23 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         keep_freed_memory()  # as the sampling entry points do (training rows run with it too)
     flops = _flop_counts(cfg, device)
     rows = []
-    for mode in MODES:
+    # On a CPU, whose speed drifts with what else the host runs, the sampling rows time
+    # both modes in interleaved rounds; on a GPU (steady under CUDA events, and whose peak
+    # memory is per mode) every row runs one mode after the other.
+    paired = [name for name in PAIRED if device.type == "cpu" and cfg.batches.get(name)]
+    if paired:
+        setups = {mode: Setup(cfg, mode, device) for mode in MODES}
+        for name in paired:
+            for batch in cfg.batches[name]:
+                log.info("%s, both modes interleaved, batch %d", name, batch)
+                rows += _measure_pair(setups, name, int(batch), cfg, flops[name])
+        del setups
+    sequential = any(batches for name, batches in cfg.batches.items() if name not in paired)
+    for mode in MODES if sequential else ():
         setup = Setup(cfg, mode, device)
         for name, batches in cfg.batches.items():
+            if name in paired:
+                continue
             for batch in batches:
                 log.info("%s %s batch %d", name, mode, batch)
                 rows.append(_measure(setup, name, int(batch), cfg, flops[name]))
@@ -337,7 +386,9 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         del setup
     rows += matmul_rows(device)
     if cfg.get("demo", {}).get("ckpt"):
-        rows += demo_rows(cfg.demo.ckpt, list(cfg.demo.sides), device)
+        rows += demo_rows(
+            cfg.demo.ckpt, list(cfg.demo.sides), device, int(cfg.demo.get("rounds", 3))
+        )
     result: dict[str, Any] = {
         "device": device_name(device),
         "torch": torch.__version__,

@@ -233,9 +233,25 @@ class SweepReportCallback(Callback):
             log.warning("no sweep report: %s", err)
 
 
+def _speedup(row: dict[str, Any], base: dict[str, Any] | None, ratio: float | None) -> str:
+    """The speed-up cell of an optimized row: the median of its interleaved rounds' ratios
+    with their range where it has them (`gpsr.benchmark` on a CPU), else `ratio` (of the
+    two rows' medians); empty for a reference row or one without a baseline."""
+    if row["mode"] != "optimized" or base is None:
+        return ""
+    if row.get("speedup_rounds"):
+        rounds = row["speedup_rounds"]
+        return (
+            f"{row['speedup']:.2f}x ({min(rounds):.2f}-{max(rounds):.2f} in "
+            f"{len(rounds)} interleaved rounds)"
+        )
+    return f"{ratio:.2f}x"
+
+
 def benchmark_markdown(result: dict[str, Any]) -> str:
     """`gpsr.benchmark`'s table: each (operation, batch) in both modes with the optimised /
-    reference speed-up, and the trust rows when present."""
+    reference speed-up (on a CPU, per interleaved round: `_speedup`), and the trust rows
+    when present."""
     ref = {(r["name"], r["batch"]): r for r in result["rows"] if r["mode"] == "reference"}
     lines = [
         f"Device: {result['device']}, torch {result['torch']}",
@@ -246,11 +262,7 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
     demo = [r for r in result["rows"] if "seconds_per_mp" in r]
     for r in [r for r in result["rows"] if "seconds_per_mp" not in r]:
         base = ref.get((r["name"], r["batch"]))
-        speed = (
-            f"{r['img_per_s'] / base['img_per_s']:.2f}x"
-            if base and r["mode"] == "optimized"
-            else ""
-        )
+        speed = _speedup(r, base, base["seconds"] / r["seconds"] if base else None)
         fmt = lambda v, f: f.format(v) if v is not None else "n/a"  # noqa: E731
         per_img = r["peak_gib"] / r["batch"] if r["peak_gib"] is not None else None
         lines.append(
@@ -268,10 +280,8 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         ]
         for r in demo:
             base = ref_demo.get(r["name"])
-            speed = (
-                f"{base['seconds_per_mp'] / r['seconds_per_mp']:.2f}x"
-                if base and r["mode"] == "optimized"
-                else ""
+            speed = _speedup(
+                r, base, base["seconds_per_mp"] / r["seconds_per_mp"] if base else None
             )
             lines.append(
                 f"| {r['name']} | {r['mode']} | {r['precision']} | {r['seconds_per_mp']:.2f} | "

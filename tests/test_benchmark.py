@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from gpsr.benchmark import run_benchmark
 from gpsr.inference import GPSR
@@ -25,7 +26,7 @@ TINY = [
 def test_benchmark_rows_and_trust_columns(tmp_path, ddpm_ckpt):
     cfg = compose_cfg(
         [*TINY, f"trust.ckpt={ddpm_ckpt}", "trust.images=4", f"demo.ckpt={ddpm_ckpt}",
-         "demo.sides=[8]"],
+         "demo.sides=[8]", "demo.rounds=2"],
         name="benchmark", output_dir=tmp_path,
     )  # fmt: skip
     run_benchmark(cfg)
@@ -56,6 +57,54 @@ def test_benchmark_rows_and_trust_columns(tmp_path, ddpm_ckpt):
     assert trust["reference"]["invertibility_max_abs"] < 1e-5  # fp32 inverts to float precision
     assert trust["optimized"]["invertibility_max_abs"] < 1e-2
     assert "speed-up" in (tmp_path / "benchmark.md").read_text()
+    # On a CPU the sampling rows and the trained model's rows time both modes in interleaved
+    # rounds: the optimized row carries each round's ratio (repeats=1, demo.rounds=2) and
+    # their median; rows timed one mode after the other carry none.
+    for r in data["rows"]:
+        rounds = r.get("speedup_rounds")
+        if r["mode"] == "optimized" and r["name"] in ("sample_7", "sample_100"):
+            assert len(rounds) == 1 and r["speedup"] == rounds[0]
+        elif r["mode"] == "optimized" and r["name"].startswith("demo_"):
+            assert len(rounds) == 2 and r["speedup"] == pytest.approx(sum(rounds) / 2)
+        else:
+            assert rounds is None
+    assert "interleaved rounds" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_interleaved_rounds_cancel_a_drift_that_sequential_timing_does_not():
+    """`interleaved_seconds` against a simulated machine that slows down 3x halfway through:
+    B costs exactly twice A at any moment, so each round's ratio must be exactly 2, while
+    medians of A's calls and then B's calls (one after the other) would give 6."""
+    from gpsr.utils.timing import interleaved_seconds, median_seconds, paired_ratios
+
+    now, calls = [0.0], []
+
+    def work(name, units):
+        def run():
+            calls.append(name)
+            slow = 3.0 if now[0] >= 12 else 1.0
+            now[0] += units * slow
+
+        return run
+
+    cpu = torch.device("cpu")
+    seconds = interleaved_seconds(
+        {"a": work("a", 1.0), "b": work("b", 2.0)}, cpu, warmup=1, rounds=6, clock=lambda: now[0]
+    )
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 3  # warm-up, then A B, B A, ...
+    assert paired_ratios(seconds["b"], seconds["a"]) == [2.0] * 6
+    assert seconds["a"] == [1, 1, 1, 3, 3, 3] and seconds["b"] == [2, 2, 2, 6, 6, 6]
+    # The same drift timed one function after the other: what the interleaving avoids.
+    import time
+
+    with pytest.MonkeyPatch.context() as mp:
+        now[0] = 7.0  # A's 5 calls end at 12, when the machine slows down
+        mp.setattr(time, "perf_counter", lambda: now[0])
+        a = median_seconds(work("a", 1.0), cpu, 0, 5)
+        b = median_seconds(work("b", 2.0), cpu, 0, 5)
+    assert b / a == 6.0
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_ratios([1.0], [])
 
 
 def test_flop_model_matches_flops_counted_on_the_real_operations(tmp_path):
