@@ -8,7 +8,9 @@ gradient clipping are the training stages' own (conf/stage/*.yaml), the DDPM ste
 `GPSR.training_loss` and the flow step `flow_loss_terms`, as in training. Writes
 `benchmark.json` (rows: name, mode, batch, img_per_s, tflops, peak_gib, device) and
 `benchmark.md`. With `trust.ckpt=<trained DDPM ckpt>` it also reports, per precision, the
-consistency and invertibility error of that model.
+consistency and invertibility error of that model. On a CPU the sampling rows and the trained
+model's rows (`demo.ckpt`) alternate the two modes in rounds and report the median of the
+rounds' speed-ups (`gpsr.utils.timing.interleaved_seconds`).
 """
 
 from __future__ import annotations
