@@ -199,9 +199,15 @@ def _measure_pair(
         _row(name, mode, batch, statistics.median(seconds[mode]), flops, dev, device_name(dev))
         for mode in MODES
     ]
-    ratios = paired_ratios(seconds["reference"], seconds["optimized"])
-    rows[1].update(speedup=statistics.median(ratios), speedup_rounds=ratios)
+    rows[MODES.index("optimized")].update(_paired_speedup(seconds))
     return rows
+
+
+def _paired_speedup(seconds: dict[str, list[float]]) -> dict[str, Any]:
+    """The optimized row's speed-up fields from both modes' interleaved rounds: each round's
+    reference / optimized ratio (`speedup_rounds`) and their median (`speedup`)."""
+    ratios = paired_ratios(seconds["reference"], seconds["optimized"])
+    return {"speedup": statistics.median(ratios), "speedup_rounds": ratios}
 
 
 def _flop_counts(cfg: DictConfig, device: torch.device) -> dict[str, Callable[[int], int]]:
@@ -348,8 +354,7 @@ def demo_rows(
                 / CONSISTENCY_UNIT,
             )
             if mode == "optimized":
-                ratios = paired_ratios(seconds["reference"], seconds["optimized"])
-                row.update(speedup=statistics.median(ratios), speedup_rounds=ratios)
+                row.update(_paired_speedup(seconds))
             rows.append(row)
     return rows
 
@@ -373,12 +378,10 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
                 log.info("%s, both modes interleaved, batch %d", name, batch)
                 rows += _measure_pair(setups, name, int(batch), cfg, flops[name])
         del setups
-    sequential = any(batches for name, batches in cfg.batches.items() if name not in paired)
-    for mode in MODES if sequential else ():
+    sequential = {name: b for name, b in cfg.batches.items() if name not in paired}
+    for mode in MODES if any(sequential.values()) else ():
         setup = Setup(cfg, mode, device)
-        for name, batches in cfg.batches.items():
-            if name in paired:
-                continue
+        for name, batches in sequential.items():
             for batch in batches:
                 log.info("%s %s batch %d", name, mode, batch)
                 rows.append(_measure(setup, name, int(batch), cfg, flops[name]))
