@@ -9,6 +9,7 @@ import torch
 from gpsr import ops
 from gpsr.diffusion import GaussianDiffusion, IndexNoise
 from gpsr.metrics import per_image_consistency
+from gpsr.models import bf16
 from gpsr.models import gpsr as gpsr_module
 from gpsr.models.bf16 import BF16Copy
 from gpsr.models.conditioning import CoarseConditioned
@@ -106,13 +107,15 @@ def test_bf16_decodes_through_bf16_subnets_with_float32_couplings():
     assert all(p.dtype == torch.float32 for p in model.flow.parameters())
     seen = []
     hooks = [
-        net.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+        net.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype, i[0].shape[0])))
         for net in subnets
     ]
     model.super_resolve(lr, steps=2, seed=0, indices=[0, 1], precision="fp32")
     assert seen == []
     model.super_resolve(lr, steps=2, seed=0, indices=[0, 1], precision="bf16")
-    assert seen == [(torch.float32, torch.float32)] * len(subnets)  # one batch of 2 images
+    # Every subnet sees the 2 images once: as one batch, or one image per CPU worker thread.
+    assert {(a, b) for a, b, _ in seen} == {(torch.float32, torch.float32)}
+    assert sum(n for *_, n in seen) == 2 * len(subnets)
     for h in hooks:
         h.remove()
     out = subnets[0](torch.randn(1, subnets[0].net.hidden[0].in_channels, 5, 5))
@@ -220,3 +223,100 @@ def test_entry_points_say_the_precision_they_sample_in(ddpm_ckpt, monkeypatch, c
         assert len(said) == 1 and said[0].startswith(
             f"Sampling precision: {want} (sampler.precision={requested}"
         ), said
+
+
+def _convs():
+    torch.manual_seed(0)
+    return torch.nn.ModuleList(
+        [
+            torch.nn.Conv2d(8, 24, 3, padding=1),
+            torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),  # a UNet Downsample
+            torch.nn.Conv2d(8, 9, 1),
+            torch.nn.Conv1d(8, 24, 1),  # an attention projection
+        ]
+    ).to(torch.bfloat16)
+
+
+def _inputs(channels_last: bool):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 6, 10, generator=gen).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [x, x, x, x.flatten(2)]
+
+
+@pytest.mark.skipif(not bf16._can_pack(), reason="torch without oneDNN convolution operators")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_convolutions_equal_torchs(channels_last):
+    """Packed 3 x 3 (padded, strided), 1 x 1 and 1-d convolutions against torch's own on the
+    same bf16 inputs: the same oneDNN kernel given the weight it would reorder itself, so
+    equal to the last bit (a wrong padding, stride or weight view would not be), and within
+    bf16 rounding of a float64 convolution."""
+    convs, packed = _convs(), _convs()
+    assert bf16.pack_convolutions(packed) == 4
+    assert [type(m) for m in packed] == [bf16.PackedConv2d] * 3 + [bf16.PackedConv1d]
+    with torch.no_grad():
+        for conv, fast, x in zip(convs, packed, _inputs(channels_last)):
+            got = fast(x)
+            assert len(fast._packed) == 1  # it did take the packed path
+            assert torch.equal(got, conv(x))
+            ref = conv.double()(x.double())
+            torch.testing.assert_close(got.double(), ref, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.skipif(not bf16._can_pack(), reason="torch without oneDNN convolution operators")
+def test_packed_weights_are_kept_per_shape_and_never_copied():
+    """One packing per input shape, the most recent `PACKED_SHAPES` kept (least recently
+    used dropped); copies and pickles start with none; with gradients enabled the module is
+    torch's convolution (gradients flow, nothing packed)."""
+    import copy
+    import pickle
+
+    conv = _convs()[0]
+    bf16.pack_convolutions(torch.nn.ModuleList([conv]))
+    a, b, c = (torch.randn(n, 8, 5, 7).bfloat16() for n in (1, 2, 3))
+    with torch.no_grad():
+        for x in (a, b, a, c):
+            conv(x)
+        assert list(conv._packed) == [tuple(a.shape), tuple(c.shape)]
+        for x in (a, b, c):  # each shape gets its own packing, not the cached one
+            assert torch.equal(
+                conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+            )
+    for twin in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        assert isinstance(twin, bf16.PackedConv2d) and len(twin._packed) == 0
+        with torch.no_grad():
+            assert torch.equal(twin(a), conv(a))
+    fresh = _convs()[0]
+    bf16.pack_convolutions(torch.nn.ModuleList([fresh]))
+    out = fresh(a)
+    assert out.requires_grad and len(fresh._packed) == 0
+    out.float().sum().backward()
+    assert fresh.weight.grad is not None
+
+
+@pytest.mark.skipif(not bf16._can_pack(), reason="torch without oneDNN convolution operators")
+@pytest.mark.parametrize("width", [32, 64])
+def test_bf16_unet_copy_with_packed_weights_equals_unpacked(width):
+    """A whole bf16 UNet copy (channels-first at width 32, channels-last at 64, as the
+    sampler makes them) against the same copy with its convolutions turned back into
+    torch's: equal (channels-last: the same kernels) or within bf16 rounding (channels-first:
+    packed convolutions compute channels-last)."""
+    torch.manual_seed(0)
+    config = dict(SMALL_UNET, model_channels=width)
+    unet = randomize_(UNet(in_channels=12, out_channels=9, **config), std=0.05).eval()
+    fast = BF16Copy(unet, channels_last=width >= 64)
+    packed = [m for m in fast.modules() if isinstance(m, (bf16.PackedConv2d, bf16.PackedConv1d))]
+    assert len(packed) == sum(
+        isinstance(m, torch.nn.Conv2d | torch.nn.Conv1d) for m in unet.modules()
+    )
+    x, t = torch.randn(3, 12, 16, 16), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        got = fast(x, t)
+        for m in packed:
+            m.__class__ = torch.nn.Conv2d if isinstance(m, bf16.PackedConv2d) else torch.nn.Conv1d
+        plain = fast(x, t)
+    if width >= 64:
+        assert torch.equal(got, plain)
+    else:
+        torch.testing.assert_close(got, plain, rtol=0, atol=2e-2 * float(plain.abs().max()))

@@ -18,6 +18,7 @@ from gpsr import ops
 from gpsr.models.bf16 import BF16Copy
 from gpsr.tiling import tiled_inverse
 from gpsr.utils.errors import ConfigError
+from gpsr.utils.parallel import split_batch
 
 __all__ = [
     "DenseBlock",
@@ -175,6 +176,9 @@ class DegradationFlow(nn.Module):
         )
         # Activation checkpointing per block (see `speed_up`).
         self.checkpointing = False
+        # The inverse's images on separate CPU cores (`gpsr.utils.parallel.split_batch`):
+        # set by `bf16_copy`, the sampler's CPU fast path.
+        self.parallel_batch = False
 
     def speed_up(
         self, checkpointing: bool = False, channels_last: bool = False, compile: bool = False
@@ -196,8 +200,11 @@ class DegradationFlow(nn.Module):
         `channels_last`) while the couplings' affine maps, the Haar transform and the
         position channels stay float32: the same split as bf16 autocast on a GPU. It
         differs from this flow by the subnets' bfloat16 rounding (on the demo model's test
-        images, samples moved by 0.01 dB PSNR or less; docs/benchmarks.md). Inference only."""
+        images, samples moved by 0.01 dB PSNR or less; docs/benchmarks.md). Its inverse
+        decodes the images of a batch on separate CPU cores (`parallel_batch`,
+        `gpsr.utils.parallel.split_batch`). Inference only."""
         fast = copy.deepcopy(self)
+        fast.parallel_batch = True
         for block in fast.blocks:
             block.predict = BF16Copy(block.predict, channels_last)
             block.update = BF16Copy(block.update, channels_last)
@@ -253,6 +260,13 @@ class DegradationFlow(nn.Module):
                 f"inverse: coarse {tuple(coarse.shape)} and latent {tuple(latent.shape)} must be "
                 f"(N, C, h, w) and (N, 3C, h, w)"
             )
+        if self.parallel_batch and coarse.shape[0] > 1:
+            return split_batch(lambda c, z: self._inverse(c, z, offset), coarse, latent)
+        return self._inverse(coarse, latent, offset)
+
+    def _inverse(
+        self, coarse: torch.Tensor, latent: torch.Tensor, offset: tuple[int, int]
+    ) -> torch.Tensor:
         c, d = coarse, latent
         pos = self._position(c, offset)
         for block in reversed(self.blocks):
