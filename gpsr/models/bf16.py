@@ -16,7 +16,8 @@ __all__ = ["BF16Copy", "BF16_REVISION", "PackedConv2d", "PackedConv1d", "pack_co
 # kept bit-identical), so `gpsr.calibrate` records this revision with a bf16 calibration and
 # a calibration of another revision is refused. 1: the UNet in bf16; 2: also the flow's
 # coupling subnets; 3: GroupNorm of small channels-last maps from a channels-first copy, and
-# the UNet's timestep embedding in float32.
+# the UNet's timestep embedding in float32. (Packed convolution weights and the flow's
+# per-image decode kept revision 3's values.)
 BF16_REVISION = 3
 
 
