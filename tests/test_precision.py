@@ -320,3 +320,24 @@ def test_bf16_unet_copy_with_packed_weights_equals_unpacked(width):
         assert torch.equal(got, plain)
     else:
         torch.testing.assert_close(got, plain, rtol=0, atol=2e-2 * float(plain.abs().max()))
+
+
+def test_packed_convolution_falls_back_to_torchs_once_the_kernel_fails(monkeypatch):
+    """A oneDNN build without the packed kernel for a case: the call gives torch's own
+    convolution's values, and the module stops trying (one failure, not one per call)."""
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no packed kernel here")
+
+    monkeypatch.setattr(bf16, "_packed_convolution", broken)
+    monkeypatch.setattr(bf16, "_can_pack", lambda: True)
+    convs, packed = _convs(), _convs()
+    bf16.pack_convolutions(packed)
+    with torch.no_grad():
+        for conv, fast, x in zip(convs, packed, _inputs(True)):
+            for _ in range(2):
+                assert torch.equal(fast(x), conv(x))
+            assert fast._packed is None
+    assert len(calls) == len(convs)

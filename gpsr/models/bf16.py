@@ -79,6 +79,14 @@ class _PackedWeights(OrderedDict):
         return type(self)()
 
 
+def _reorder_weight(*args) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_convolution_weight(*args)
+
+
+def _packed_convolution(*args) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise(*args)
+
+
 def _can_pack() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     return (
@@ -100,9 +108,10 @@ class PackedConv2d(nn.Conv2d):
     for 64 x 64 inputs and used on 4 x 4 ones, a convolution took 76 ms instead of 1.3 ms,
     hence one packing per shape. Made by `pack_convolutions` (inference copies only: the
     packed weights do not follow later changes of `weight`). Other inputs (not CPU, another
-    dtype, gradients enabled) take `nn.Conv2d.forward`."""
+    dtype, gradients enabled) take `nn.Conv2d.forward`, and so does every call after the
+    packed kernel failed once (a oneDNN build without it for this case)."""
 
-    _packed: _PackedWeights
+    _packed: _PackedWeights | None  # None: packing failed once, torch's convolution from then on
 
     def _pointwise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)
@@ -111,44 +120,58 @@ class PackedConv2d(nn.Conv2d):
             if packed is not None:
                 self._packed.move_to_end(key)
         if packed is None:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
+            packed = _reorder_weight(
                 weight, self._pad, self._stride, self._dilation, self.groups, list(x.shape)
             )
             with _pack_lock:
                 self._packed[key] = packed
                 while len(self._packed) > PACKED_SHAPES:
                     self._packed.popitem(last=False)
-        return torch.ops.mkldnn._convolution_pointwise(
+        return _packed_convolution(
             x, packed, self.bias, self._pad, self._stride, self._dilation, self.groups,
             "none", [], None,
         )  # fmt: skip
 
     def _packable(self, x: torch.Tensor) -> bool:
         return (
-            x.device.type == "cpu"
+            self._packed is not None
+            and x.device.type == "cpu"
             and x.dtype == self.weight.dtype
             and x.dim() == self.weight.dim()
             and not torch.is_grad_enabled()
         )
 
+    def _fallback(self) -> None:
+        # A CPU whose oneDNN build lacks the packed kernel for this case (e.g. bf16 forced
+        # where it has no bf16 support): torch's own convolution, which raises its own clear
+        # error if the input itself is wrong.
+        self._packed = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packable(x):
-            return super().forward(x)
-        return self._pointwise(x, self.weight)
+        if self._packable(x):
+            try:
+                return self._pointwise(x, self.weight)
+            except RuntimeError:
+                self._fallback()
+        return super().forward(x)
 
 
 class PackedConv1d(nn.Conv1d):
     """`PackedConv2d` for a 1-d convolution (the UNet attention's 1 x 1 projections):
     x (N, C_in, L) -> (N, C_out, L'), computed as a 2-d one on (N, C_in, 1, L)."""
 
-    _packed: _PackedWeights
+    _packed: _PackedWeights | None
     _pointwise = PackedConv2d._pointwise
     _packable = PackedConv2d._packable
+    _fallback = PackedConv2d._fallback
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packable(x):
-            return super().forward(x)
-        return self._pointwise(x.unsqueeze(2), self.weight.unsqueeze(2)).squeeze(2)
+        if self._packable(x):
+            try:
+                return self._pointwise(x.unsqueeze(2), self.weight.unsqueeze(2)).squeeze(2)
+            except RuntimeError:
+                self._fallback()
+        return super().forward(x)
 
 
 def pack_convolutions(net: nn.Module) -> int:
