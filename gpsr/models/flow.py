@@ -260,7 +260,7 @@ class DegradationFlow(nn.Module):
                 f"inverse: coarse {tuple(coarse.shape)} and latent {tuple(latent.shape)} must be "
                 f"(N, C, h, w) and (N, 3C, h, w)"
             )
-        if self.parallel_batch and coarse.shape[0] > 1:
+        if self.parallel_batch:  # one image (or one thread): split_batch calls it directly
             return split_batch(lambda c, z: self._inverse(c, z, offset), coarse, latent)
         return self._inverse(coarse, latent, offset)
 
