@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from gpsr.utils import parallel
 from gpsr.utils.parallel import batch_workers, split_batch
 from tests.helpers import tiny_flow
 
@@ -86,6 +87,36 @@ def test_split_batch_raises_a_workers_error(two_threads):
     with torch.no_grad(), pytest.raises(ValueError, match="bad item"):
         split_batch(fn, torch.tensor([0.0, 1.0]))
     assert torch.get_num_threads() == 2
+
+
+def test_growing_the_pool_does_not_wait_for_running_work(two_threads):
+    """A caller that needs more workers replaces the pool without waiting, under the lock,
+    for another caller's work still running on the old one (whose workers take that lock
+    to set their thread count: waiting there could deadlock)."""
+    running, release = threading.Barrier(3, timeout=20), threading.Event()
+    result = []
+
+    def fn(x):
+        running.wait()
+        release.wait(20)
+        return x + 1
+
+    def caller():
+        with torch.no_grad():
+            result.append(split_batch(fn, torch.zeros(2, 3)))
+
+    busy = threading.Thread(target=caller)
+    busy.start()
+    running.wait()  # both of the busy caller's workers are inside fn
+    grown = threading.Thread(target=parallel._executor, args=(parallel._pool_size + 1,))
+    grown.start()
+    grown.join(5)
+    finished_first = not grown.is_alive()
+    release.set()
+    busy.join(20)
+    grown.join(20)
+    assert finished_first
+    assert torch.equal(result[0], torch.ones(2, 3))
 
 
 @pytest.mark.parametrize("position", [False, True])

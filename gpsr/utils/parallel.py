@@ -36,13 +36,18 @@ def batch_workers(batch: int, threads: int | None = None) -> list[int]:
 
 def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
+    old = None
     with _lock:
         if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=True)
+            old = _pool
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="gpsr-batch")
             _pool_size = workers
-        return _pool
+        pool = _pool
+    if old is not None:
+        # Not waited for, and outside the lock: another caller's workers may still be
+        # running on the old pool and take the lock to set their thread count.
+        old.shutdown(wait=False)
+    return pool
 
 
 def _run(fn: Callable[..., torch.Tensor], threads: int, args: tuple) -> torch.Tensor:
